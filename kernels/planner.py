@@ -1,0 +1,201 @@
+"""The one launch planner: block sizes, warps, stages, split-KV count and grids.
+
+Pure Python (no triton, torch or jax), so the torch and JAX launchers share every
+launch decision and cannot drift apart. Decisions depend only on shapes, dtypes, the
+sparsity pattern and the device's SM count, never on data, so a plan is deterministic;
+and the kernel's results do not depend on the plan (tiles are multiples of M, the
+selection is per group), which the tests check by forcing different plans.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+SUPPORTED_DTYPES = ("float32", "float16", "bfloat16")
+MAX_KV_SPLITS = 64
+
+
+def next_power_of_2(x: int) -> int:
+    """Smallest power of two >= x (1 for x <= 1)."""
+    return 1 if x <= 1 else 1 << (int(x) - 1).bit_length()
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionPlan:
+    """Launch parameters of ``unified_attention_kernel`` (+ ``reduce_segments_kernel``)."""
+
+    block_m: int  # rows (query token x GQA head) per program
+    block_q: int  # query tokens per program
+    tile_n: int  # keys per loop iteration
+    num_subtiles: int  # M for N:M configs, 1 for dense
+    n_keep: int
+    head_dim: int
+    head_dim_pad: int
+    num_queries_per_kv: int
+    num_segments: int  # split-KV segments; 1 = no split, no reduce kernel
+    num_warps: int
+    num_stages: int
+    upcast_operands: bool
+    dot_precision: str
+    grid: tuple[int, int, int]
+    reduce_grid: tuple[int, int]
+
+    @property
+    def is_split(self) -> bool:
+        return self.num_segments > 1
+
+    def kernel_constexprs(
+        self,
+        *,
+        causal: bool,
+        use_window: bool,
+        use_softcap: bool,
+        use_sink: bool,
+        use_recent: bool,
+        sparse_decode: bool,
+        store_lse: bool,
+    ) -> dict:
+        """Keyword constexprs of ``unified_attention_kernel`` (plus num_warps/num_stages)."""
+        sparse = self.num_subtiles > 1
+        return dict(
+            NUM_QUERIES_PER_KV=self.num_queries_per_kv,
+            HEAD_DIM=self.head_dim,
+            HEAD_DIM_PAD=self.head_dim_pad,
+            BLOCK_M=self.block_m,
+            BLOCK_Q=self.block_q,
+            TILE_N=self.tile_n,
+            NUM_SUBTILES=self.num_subtiles,
+            N_KEEP=self.n_keep,
+            IS_CAUSAL=bool(causal),
+            USE_WINDOW=bool(use_window),
+            USE_SOFTCAP=bool(use_softcap),
+            USE_SINK=bool(use_sink and sparse),
+            USE_RECENT=bool(use_recent and sparse),
+            SPARSE_DECODE=bool(sparse_decode or not sparse),
+            NUM_SEGMENTS=self.num_segments,
+            STORE_LSE=bool(store_lse),
+            UPCAST_OPERANDS=self.upcast_operands,
+            DOT_PRECISION=self.dot_precision,
+            num_warps=self.num_warps,
+            num_stages=self.num_stages,
+        )
+
+    def reduce_constexprs(self, *, store_lse: bool) -> dict:
+        """Keyword constexprs of ``reduce_segments_kernel`` (plus num_warps)."""
+        return dict(
+            HEAD_DIM=self.head_dim,
+            HEAD_DIM_PAD=self.head_dim_pad,
+            NUM_SEGMENTS=self.num_segments,
+            STORE_LSE=bool(store_lse),
+            num_warps=4,
+        )
+
+
+def plan_unified_attention(
+    *,
+    num_tokens: int,
+    num_seqs: int,
+    num_q_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    dtype: str,
+    n: int,
+    m: int,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    num_sms: int | None = None,
+    interpret: bool = False,
+    num_kv_splits: int | None = None,
+) -> AttentionPlan:
+    """Choose the launch of one unified-attention call.
+
+    Args:
+      num_tokens: rows of the packed query ``q`` [num_tokens, num_q_heads, head_dim].
+      num_seqs: sequences in the batch (len(seq_lens)).
+      dtype: "float32" | "float16" | "bfloat16" (the q / cache dtype).
+      n, m: the N:M pattern; n == m means dense.
+      max_seqlen_q, max_seqlen_k: upper bounds of the per-sequence query / key lengths.
+      num_sms: streaming multiprocessors of the GPU (None off-GPU: no automatic split).
+      interpret: the kernel runs in Triton's CPU interpreter.
+      num_kv_splits: force this many split-KV segments (a power of two <= 64; 1 = none).
+    """
+    if dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"dtype must be one of {SUPPORTED_DTYPES}, got {dtype!r}")
+    qpk = num_q_heads // num_kv_heads
+    sparse = n < m
+    num_subtiles = m if sparse else 1
+    head_dim_pad = max(16, next_power_of_2(head_dim))
+    is_fp32 = dtype == "float32"
+
+    # Rows per program: the GQA group fills the M side, so decode (1 token) still feeds
+    # a 16-row MMA; prefill takes larger tiles.
+    if head_dim_pad > 128 or is_fp32:
+        block_m = 64
+    else:
+        block_m = 128
+    block_m = min(block_m, max(16, next_power_of_2(max(max_seqlen_q, 1) * qpk)))
+    block_m = max(block_m, next_power_of_2(qpk), 16)
+    block_q = block_m // qpk
+
+    # Keys per iteration: every sub-tile needs >= 16 columns (MMA minimum), and tiles
+    # are multiples of M so groups never straddle a tile.
+    if not sparse:
+        tile_n = 64
+    elif m == 4 and block_m >= 128:
+        tile_n = 128
+    else:
+        tile_n = 16 * m
+
+    num_warps = 8 if block_m * head_dim_pad >= 128 * 128 else 4
+    num_stages = 2
+
+    num_q_blocks = num_tokens // block_q + num_seqs
+    num_tiles_k = max(1, cdiv(max(max_seqlen_k, 1), tile_n))
+    if num_kv_splits is not None:
+        num_segments = int(num_kv_splits)
+        if num_segments < 1 or num_segments > MAX_KV_SPLITS or num_segments & (num_segments - 1):
+            raise ValueError(
+                f"num_kv_splits must be a power of two in [1, {MAX_KV_SPLITS}], got {num_kv_splits!r}"
+            )
+    elif num_sms and max_seqlen_q <= 1:
+        # Decode: split the key range until the grid covers the SMs about twice.
+        programs = num_seqs * num_kv_heads
+        num_segments = 1
+        while programs * num_segments < 2 * num_sms and num_segments < min(MAX_KV_SPLITS, num_tiles_k):
+            num_segments *= 2
+    else:
+        num_segments = 1
+
+    return AttentionPlan(
+        block_m=block_m,
+        block_q=block_q,
+        tile_n=tile_n,
+        num_subtiles=num_subtiles,
+        n_keep=n if sparse else num_subtiles,
+        head_dim=head_dim,
+        head_dim_pad=head_dim_pad,
+        num_queries_per_kv=qpk,
+        num_segments=num_segments,
+        num_warps=num_warps,
+        num_stages=num_stages,
+        upcast_operands=bool(interpret and dtype != "float32"),
+        dot_precision="ieee" if is_fp32 else "tf32",
+        grid=(num_q_blocks, num_kv_heads, num_segments),
+        reduce_grid=(num_tokens, num_q_heads),
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class KVWritePlan:
+    head_dim_pad: int
+    grid: tuple[int, int]
+    num_warps: int = 1
+
+
+def plan_write_kv_cache(*, num_tokens: int, num_kv_heads: int, head_dim: int) -> KVWritePlan:
+    """Launch of ``write_kv_cache_kernel``: one program per (token, KV head)."""
+    return KVWritePlan(head_dim_pad=max(16, next_power_of_2(head_dim)), grid=(num_tokens, num_kv_heads))

@@ -1,0 +1,13 @@
+"""sparse24: N:M (2:4) structured-sparse attention for LLM inference.
+
+For every query and every group of M consecutive keys, only the N largest scores
+survive (DESIGN.md §2). One Triton kernel source (``sparse24.kernels``) serves the
+PyTorch ops (``sparse24.torch_ops``) and, later, the JAX primitives
+(``sparse24.jax_ops``); ``sparse24.reference`` is the spec in array code.
+Framework modules are imported lazily: ``import sparse24`` needs neither torch nor jax.
+"""
+
+from sparse24.config import SparsityConfig
+
+__version__ = "0.1.0"
+__all__ = ["SparsityConfig", "__version__"]

@@ -1,0 +1,469 @@
+"""The N:M attention spec (DESIGN.md §2) in plain torch code.
+
+For sequence ``b`` with ``q_len`` new queries and ``kv_len`` keys, query ``i`` sits at absolute
+position ``p = kv_len - q_len + i``. Per query row and head:
+
+1. score ``s_j = scale * <q, k_j>``; with a softcap ``c > 0``, ``s_j = c * tanh(s_j / c)``;
+2. visible: ``j < kv_len``, causal ``j <= p``, window ``p - j < w``; invisible scores are -inf;
+3. N:M: in each group ``[M*g, M*g + M)`` of absolute key indices keep the N largest scores
+   (invisible ones take part as -inf; equal scores: the lower key index wins, so exactly N
+   per group);
+4. dense (never sparsified): ``j < dense_sink_tokens`` or ``0 <= p - j < dense_recent_tokens``;
+   with ``sparse_decode=False`` every row of a ``q_len == 1`` sequence is dense;
+5. kept = visible AND (dense OR selected); ``o = softmax(s[kept]) @ v[kept]``; a row with no
+   kept key (or only -inf scores) gives zeros and LSE -inf;
+6. GQA: query head ``h`` reads KV head ``h // (H_q // H_kv)``.
+
+Three entry points share two helpers (:func:`_region_masks` for steps 2 and 4 and
+:func:`_nm_select` for step 3):
+
+- :func:`unified_attention_reference`: the float64 CPU oracle;
+- :func:`keep_mask_reference`: the kept-key masks (step 5), to compare decisions exactly;
+- :func:`unified_attention_chunked`: the same spec on the inputs' device, chunked over keys
+  and queries with an online softmax (``backend="reference"``).
+
+Inputs use the vLLM unified-attention layout: packed queries ``q [T, H_q, D]``, paged caches
+``k_cache/v_cache [num_blocks, block_size, H_kv, D]`` (any strides), ``block_table
+[B, max_blocks]`` (key ``j`` of sequence ``b`` is ``cache[block_table[b, j // block_size],
+j % block_size]``), ``cu_seqlens_q [B + 1]`` and ``seq_lens [B]`` (= ``kv_len``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Union
+
+import torch
+
+from sparse24.config import SparsityConfig
+
+__all__ = [
+    "unified_attention_reference",
+    "keep_mask_reference",
+    "unified_attention_chunked",
+]
+
+# Upper bound on score elements (H_q * query rows * keys) held at once by the chunked path.
+_CHUNK_SCORE_ELEMENTS = 1 << 22
+
+
+# --------------------------------------------------------------------------------------------
+# validation and small helpers
+
+
+def _resolve_config(config: Union[SparsityConfig, str, None]) -> SparsityConfig:
+    if config is None:
+        return SparsityConfig()
+    if isinstance(config, str):
+        return SparsityConfig.parse(config)
+    if not isinstance(config, SparsityConfig):
+        raise TypeError(
+            f"config must be a SparsityConfig, a string for SparsityConfig.parse or None, "
+            f"got {type(config).__name__}"
+        )
+    return config
+
+
+def _check_inputs(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, window, softcap):
+    """Validate the layout; return (cu_seqlens_q as a list, seq_lens as a list, window, softcap)."""
+    tensors = {"q": q, "k_cache": k_cache, "block_table": block_table,
+               "cu_seqlens_q": cu_seqlens_q, "seq_lens": seq_lens}
+    if v_cache is not None:
+        tensors["v_cache"] = v_cache
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if q.dim() != 3:
+        raise ValueError(f"q must be [num_tokens, num_q_heads, head_dim], got shape {tuple(q.shape)}")
+    if k_cache.dim() != 4:
+        raise ValueError(
+            f"k_cache must be [num_blocks, block_size, num_kv_heads, head_dim], "
+            f"got shape {tuple(k_cache.shape)}"
+        )
+    if v_cache is not None and (v_cache.dim() != 4 or v_cache.shape[:3] != k_cache.shape[:3]):
+        raise ValueError(
+            f"v_cache must be [num_blocks, block_size, num_kv_heads, head_dim_v] matching "
+            f"k_cache {tuple(k_cache.shape)}, got {tuple(v_cache.shape)}"
+        )
+    if k_cache.shape[3] != q.shape[2]:
+        raise ValueError(f"head_dim of q ({q.shape[2]}) and k_cache ({k_cache.shape[3]}) differ")
+    num_q_heads, num_kv_heads = q.shape[1], k_cache.shape[2]
+    if num_kv_heads == 0 or num_q_heads % num_kv_heads:
+        raise ValueError(
+            f"num_q_heads ({num_q_heads}) must be a multiple of num_kv_heads ({num_kv_heads})"
+        )
+    for name in ("block_table", "cu_seqlens_q", "seq_lens"):
+        t = tensors[name]
+        if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+            raise TypeError(f"{name} must be an integer tensor, got {t.dtype}")
+    if block_table.dim() != 2 or cu_seqlens_q.dim() != 1 or seq_lens.dim() != 1:
+        raise ValueError("block_table must be 2-D, cu_seqlens_q and seq_lens 1-D")
+    num_seqs = seq_lens.shape[0]
+    if cu_seqlens_q.shape[0] != num_seqs + 1 or block_table.shape[0] != num_seqs:
+        raise ValueError(
+            f"batch sizes disagree: seq_lens has {num_seqs} entries, cu_seqlens_q "
+            f"{cu_seqlens_q.shape[0]} (want B + 1), block_table {block_table.shape[0]} rows"
+        )
+    cu = [int(x) for x in cu_seqlens_q.tolist()]
+    kv = [int(x) for x in seq_lens.tolist()]
+    if cu[0] != 0 or any(a > b for a, b in zip(cu, cu[1:])) or cu[-1] > q.shape[0]:
+        raise ValueError(
+            f"cu_seqlens_q must start at 0, be non-decreasing and end <= num_tokens "
+            f"({q.shape[0]}), got {cu}"
+        )
+    block_size = k_cache.shape[1]
+    capacity = block_table.shape[1] * block_size
+    for b, kv_len in enumerate(kv):
+        if not 0 <= kv_len <= capacity:
+            raise ValueError(
+                f"seq_lens[{b}] = {kv_len} must be in [0, max_blocks * block_size = {capacity}]"
+            )
+    if num_seqs:
+        pages = torch.tensor([-(-x // block_size) for x in kv], device=block_table.device)
+        used = torch.arange(block_table.shape[1], device=block_table.device)[None] < pages[:, None]
+        bad = used & ((block_table < 0) | (block_table >= k_cache.shape[0]))
+        if bool(bad.any()):
+            b, col = (int(x) for x in bad.nonzero()[0].tolist())
+            raise ValueError(
+                f"block_table[{b}, {col}] = {int(block_table[b, col])} is not a page of the "
+                f"cache (num_blocks = {k_cache.shape[0]})"
+            )
+    if window is None:
+        window = 0
+    if isinstance(window, bool) or not isinstance(window, int) or window < 0:
+        raise ValueError(f"window must be None or an int >= 0 (0 = no window), got {window!r}")
+    if softcap is None:
+        softcap = 0.0
+    softcap = float(softcap)
+    if not softcap >= 0.0:
+        raise ValueError(f"softcap must be None or >= 0 (0 = none), got {softcap!r}")
+    return cu, kv, window, softcap
+
+
+def _gather(cache: torch.Tensor, block_row: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    """Keys ``start:end`` of one sequence from a paged cache: ``[end - start, H_kv, D]``."""
+    j = torch.arange(start, end, device=cache.device)
+    pages = block_row.to(device=cache.device, dtype=torch.long)[j // cache.shape[1]]
+    return cache[pages, j % cache.shape[1]]
+
+
+def _scores(q_rows: torch.Tensor, keys: torch.Tensor, scale: float, softcap: float) -> torch.Tensor:
+    """Step 1. ``q_rows [R, H_q, D]``, ``keys [L, H_kv, D]`` (same dtype) -> ``[H_q, R, L]``."""
+    rows, num_q_heads, head_dim = q_rows.shape
+    num_kv_heads = keys.shape[1]
+    grouped = q_rows.reshape(rows, num_kv_heads, num_q_heads // num_kv_heads, head_dim)
+    # head h = kv_head * group + g, so h // group = kv_head (GQA, step 7)
+    s = torch.einsum("rkgd,lkd->kgrl", grouped, keys).reshape(num_q_heads, rows, keys.shape[0])
+    s = s * scale
+    if softcap > 0.0:
+        s = softcap * torch.tanh(s / softcap)
+    return s
+
+
+def _weighted_values(p: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """``p [H_q, R, L]`` (softmax weights), ``values [L, H_kv, Dv]`` -> ``[H_q, R, Dv]``."""
+    num_q_heads, rows, length = p.shape
+    num_kv_heads = values.shape[1]
+    grouped = p.reshape(num_kv_heads, num_q_heads // num_kv_heads, rows, length)
+    out = torch.einsum("kgrl,lkd->kgrd", grouped, values)
+    return out.reshape(num_q_heads, rows, values.shape[2])
+
+
+def _region_masks(q_pos, k_idx, kv_len, *, config, causal, window, decode_row):
+    """Steps 2 and 4. ``q_pos [R]`` absolute query positions, ``k_idx [L]`` absolute key
+    indices (int64, same device). Returns ``(visible, dense)``, bool ``[R, L]``.
+    ``decode_row``: the rows belong to a ``q_len == 1`` sequence."""
+    p = q_pos[:, None]
+    j = k_idx[None, :]
+    visible = j < kv_len
+    if causal:
+        visible = visible & (j <= p)
+    if window > 0:
+        visible = visible & (p - j < window)
+    if decode_row and not config.sparse_decode:
+        dense = torch.ones_like(visible)
+    else:
+        dense = (j < config.dense_sink_tokens) | ((p - j >= 0) & (p - j < config.dense_recent_tokens))
+    return visible, dense
+
+
+def _nm_select(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Step 3. ``scores [..., L]`` whose first column is an absolute key index that is a
+    multiple of ``m``, invisible entries already -inf. Returns bool ``[..., L]``: the ``n``
+    largest of each group of ``m`` (a group cut by ``L`` is padded with -inf).
+
+    Key ``j`` is kept iff ``rank_j = #{j' in group: s_j' > s_j or (s_j' == s_j and j' < j)}
+    < n``: larger score first, equal scores to the lower index, exactly ``n`` per group.
+    """
+    length = scores.shape[-1]
+    if n >= m:
+        return torch.ones(scores.shape, dtype=torch.bool, device=scores.device)
+    pad = -length % m
+    if pad:
+        scores = torch.nn.functional.pad(scores, (0, pad), value=-math.inf)
+    groups = scores.reshape(*scores.shape[:-1], -1, m)
+    member = torch.arange(m, device=scores.device)
+    rank = torch.zeros(groups.shape, dtype=torch.int8, device=scores.device)
+    for other in range(m):
+        s_other = groups[..., other : other + 1]
+        rank += (s_other > groups) | ((s_other == groups) & (member > other))
+    selected = (rank < n).reshape(*scores.shape[:-1], length + pad)
+    return selected[..., :length]
+
+
+def _kept(scores, q_pos, k_idx, kv_len, *, config, causal, window, decode_row):
+    """Step 5 for one block of rows and keys (``k_idx[0] % m == 0``).
+    ``scores [H_q, R, L]``. Returns ``(kept [H_q, R, L] bool, scores with invisible -inf)``."""
+    visible, dense = _region_masks(
+        q_pos, k_idx, kv_len, config=config, causal=causal, window=window, decode_row=decode_row
+    )
+    masked = scores.masked_fill(~visible, -math.inf)
+    if config.is_dense or bool(dense.all()):
+        kept = visible.expand_as(scores)
+    else:
+        kept = visible & (dense | _nm_select(masked, config.n, config.m))
+    return kept, masked
+
+
+# --------------------------------------------------------------------------------------------
+# float64 oracle
+
+
+def _reference_sequences(q, k_cache, block_table, cu, kv, *, config, causal, scale, window, softcap):
+    """Yield ``(b, row_start, kept [H_q, q_len, kv_len], scores [H_q, q_len, kv_len])`` in
+    float64 on the CPU for every sequence with ``q_len > 0``."""
+    cpu64 = dict(device="cpu", dtype=torch.float64)
+    for b in range(len(kv)):
+        q_len, kv_len = cu[b + 1] - cu[b], kv[b]
+        if q_len == 0:
+            continue
+        q_rows = q[cu[b] : cu[b + 1]].to(**cpu64)
+        keys = _gather(k_cache, block_table[b], 0, kv_len).to(**cpu64)
+        scores = _scores(q_rows, keys, scale, softcap)
+        q_pos = torch.arange(kv_len - q_len, kv_len, dtype=torch.long)
+        k_idx = torch.arange(kv_len, dtype=torch.long)
+        kept, _ = _kept(scores, q_pos, k_idx, kv_len, config=config, causal=causal,
+                        window=window, decode_row=q_len == 1)
+        yield b, cu[b], kept, scores
+
+
+def unified_attention_reference(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    seq_lens: torch.Tensor,
+    *,
+    config: Optional[SparsityConfig] = None,
+    causal: bool = True,
+    softmax_scale: Optional[float] = None,
+    window: Optional[int] = None,
+    softcap: Optional[float] = None,
+    return_lse: bool = False,
+):
+    """N:M sparse unified attention, computed in float64 on the CPU (the test oracle).
+
+    Args:
+        q: ``[T, H_q, D]`` any float dtype, any device; sequence ``b`` owns rows
+            ``cu_seqlens_q[b]:cu_seqlens_q[b + 1]``.
+        k_cache, v_cache: ``[num_blocks, block_size, H_kv, D]`` (``D_v`` for ``v_cache``),
+            any float dtype and strides; ``H_q % H_kv == 0``.
+        block_table: ``[B, max_blocks]`` integer (int32): page of key ``j`` of sequence ``b``
+            is ``block_table[b, j // block_size]``. Entries past a sequence's pages are unread.
+        cu_seqlens_q: ``[B + 1]`` integer, starts at 0, non-decreasing.
+        seq_lens: ``[B]`` integer, ``kv_len`` of each sequence (new tokens included).
+        config: :class:`SparsityConfig` (or a string for :meth:`SparsityConfig.parse`);
+            None = ``SparsityConfig()`` (2:4); ``SparsityConfig.dense()`` = plain attention.
+        causal: mask keys after the query's position ``p = kv_len - q_len + i``.
+        softmax_scale: None = ``1 / sqrt(D)``.
+        window: sliding window ``w`` (visible iff ``p - j < w``); None or 0 = none.
+        softcap: ``c`` in ``s = c * tanh(s / c)``; None or 0 = none.
+        return_lse: also return the log-sum-exp.
+
+    Returns:
+        ``out`` float64 ``[T, H_q, D_v]`` on the CPU, and with ``return_lse`` also ``lse``
+        float64 ``[T, H_q]`` (natural log, -inf where nothing is kept). Rows with nothing kept
+        and rows outside every sequence are zeros. ``q_len > kv_len`` is allowed: rows at
+        negative positions see no key when causal.
+    """
+    config = _resolve_config(config)
+    cu, kv, window, softcap = _check_inputs(
+        q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, window, softcap
+    )
+    scale = 1.0 / math.sqrt(q.shape[2]) if softmax_scale is None else float(softmax_scale)
+    num_q_heads = q.shape[1]
+    out = torch.zeros(q.shape[0], num_q_heads, v_cache.shape[3], dtype=torch.float64)
+    lse = torch.full((q.shape[0], num_q_heads), -math.inf, dtype=torch.float64)
+    for b, row0, kept, scores in _reference_sequences(
+        q, k_cache, block_table, cu, kv, config=config, causal=causal, scale=scale,
+        window=window, softcap=softcap,
+    ):
+        values = _gather(v_cache, block_table[b], 0, kv[b]).to("cpu", torch.float64)
+        s = scores.masked_fill(~kept, -math.inf)
+        row_max = s.amax(dim=-1, keepdim=True) if s.shape[-1] else s.new_full(s.shape[:2] + (1,), -math.inf)
+        row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+        p = torch.exp(s - row_max)
+        total = p.sum(dim=-1)  # [H_q, q_len]
+        o = _weighted_values(p, values) / total.clamp_min(torch.finfo(torch.float64).tiny)[..., None]
+        o = torch.where((total > 0)[..., None], o, torch.zeros_like(o))
+        rows = slice(row0, row0 + s.shape[1])
+        out[rows] = o.transpose(0, 1)
+        lse[rows] = (row_max[..., 0] + torch.log(total)).transpose(0, 1)
+    return (out, lse) if return_lse else out
+
+
+def keep_mask_reference(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    seq_lens: torch.Tensor,
+    *,
+    config: Optional[SparsityConfig] = None,
+    causal: bool = True,
+    softmax_scale: Optional[float] = None,
+    window: Optional[int] = None,
+    softcap: Optional[float] = None,
+) -> list:
+    """The kept-key masks (spec step 5), scores computed in float64 on the CPU.
+
+    Arguments as :func:`unified_attention_reference` (no ``v_cache``).
+
+    Returns:
+        A list of ``B`` CPU bool tensors, entry ``b`` of shape ``[H_q, q_len_b, kv_len_b]``:
+        ``True`` where query ``i`` (head ``h``) keeps key ``j``.
+    """
+    config = _resolve_config(config)
+    cu, kv, window, softcap = _check_inputs(
+        q, k_cache, None, block_table, cu_seqlens_q, seq_lens, window, softcap
+    )
+    scale = 1.0 / math.sqrt(q.shape[2]) if softmax_scale is None else float(softmax_scale)
+    masks = [
+        torch.zeros(q.shape[1], cu[b + 1] - cu[b], kv[b], dtype=torch.bool) for b in range(len(kv))
+    ]
+    for b, _, kept, _ in _reference_sequences(
+        q, k_cache, block_table, cu, kv, config=config, causal=causal, scale=scale,
+        window=window, softcap=softcap,
+    ):
+        masks[b] = kept.contiguous()
+    return masks
+
+
+# --------------------------------------------------------------------------------------------
+# chunked fast path
+
+
+def unified_attention_chunked(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    seq_lens: torch.Tensor,
+    *,
+    config: Optional[SparsityConfig] = None,
+    causal: bool = True,
+    softmax_scale: Optional[float] = None,
+    window: Optional[int] = None,
+    softcap: Optional[float] = None,
+    return_lse: bool = False,
+    out: Optional[torch.Tensor] = None,
+    chunk_size: int = 1024,
+    compute_dtype: torch.dtype = torch.float32,
+):
+    """N:M sparse unified attention on the inputs' device (``backend="reference"``).
+
+    The same spec as :func:`unified_attention_reference`, chunked over keys (``chunk_size``
+    keys at a time, a multiple of ``m`` so no group straddles chunks) and over queries, with
+    an online softmax: memory stays ``O(H_q * rows * chunk_size)`` for any context length.
+    Key chunks no query of a chunk can see (causal, window) are skipped.
+
+    Args:
+        q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, config, causal,
+        softmax_scale, window, softcap: as :func:`unified_attention_reference`; q, the caches
+        (and ``out``) on one device.
+        return_lse: also return the log-sum-exp.
+        out: optional ``[T, H_q, D_v]`` tensor of ``q.dtype`` written in place and returned.
+        chunk_size: keys per chunk, a positive multiple of ``config.m``.
+        compute_dtype: ``torch.float32`` (default) or ``torch.float64``: scores, softmax and
+            accumulators use it (float64 agrees with the oracle to ~1e-12).
+
+    Returns:
+        ``out`` ``[T, H_q, D_v]`` in ``q.dtype`` on ``q.device`` (rows with nothing kept and
+        rows outside every sequence are zeros), and with ``return_lse`` also ``lse``
+        ``[T, H_q]`` in ``compute_dtype`` (float32 by default; natural log, -inf where nothing
+        is kept).
+    """
+    config = _resolve_config(config)
+    cu, kv, window, softcap = _check_inputs(
+        q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, window, softcap
+    )
+    if compute_dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"compute_dtype must be torch.float32 or torch.float64, got {compute_dtype}")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0 \
+            or chunk_size % config.m:
+        raise ValueError(
+            f"chunk_size must be a positive multiple of m = {config.m}, got {chunk_size!r}"
+        )
+    device = q.device
+    if k_cache.device != device or v_cache.device != device:
+        raise ValueError(
+            f"q, k_cache and v_cache must be on one device, got {device}, {k_cache.device}, "
+            f"{v_cache.device}"
+        )
+    num_tokens, num_q_heads, head_dim = q.shape
+    head_dim_v = v_cache.shape[3]
+    if out is None:
+        out = torch.zeros(num_tokens, num_q_heads, head_dim_v, dtype=q.dtype, device=device)
+    else:
+        if out.shape != (num_tokens, num_q_heads, head_dim_v) or out.dtype != q.dtype \
+                or out.device != device:
+            raise ValueError(
+                f"out must be [{num_tokens}, {num_q_heads}, {head_dim_v}] {q.dtype} on {device}, "
+                f"got {tuple(out.shape)} {out.dtype} on {out.device}"
+            )
+        out[cu[-1]:].zero_()
+    lse = torch.full((num_tokens, num_q_heads), -math.inf, dtype=compute_dtype, device=device)
+    scale = 1.0 / math.sqrt(head_dim) if softmax_scale is None else float(softmax_scale)
+    m = config.m
+    rows_per_chunk = max(1, _CHUNK_SCORE_ELEMENTS // (num_q_heads * chunk_size))
+    block_table = block_table.to(device)
+
+    for b in range(len(kv)):
+        q_len, kv_len = cu[b + 1] - cu[b], kv[b]
+        for r0 in range(0, q_len, rows_per_chunk):
+            r1 = min(q_len, r0 + rows_per_chunk)
+            q_rows = q[cu[b] + r0 : cu[b] + r1].to(compute_dtype)
+            q_pos = torch.arange(kv_len - q_len + r0, kv_len - q_len + r1, device=device)
+            p_lo, p_hi = kv_len - q_len + r0, kv_len - q_len + r1 - 1
+            # keys any row of this block can see; start at a group boundary
+            k_end = min(kv_len, p_hi + 1) if causal else kv_len
+            k_start = max(0, p_lo - window + 1) if window > 0 else 0
+            k_start -= k_start % m
+            row_max = torch.full((num_q_heads, r1 - r0), -math.inf, dtype=compute_dtype, device=device)
+            total = torch.zeros_like(row_max)
+            acc = torch.zeros(num_q_heads, r1 - r0, head_dim_v, dtype=compute_dtype, device=device)
+            for c0 in range(k_start, k_end, chunk_size):
+                c1 = min(k_end, c0 + chunk_size)
+                keys = _gather(k_cache, block_table[b], c0, c1).to(compute_dtype)
+                scores = _scores(q_rows, keys, scale, softcap)
+                k_idx = torch.arange(c0, c1, device=device)
+                kept, _ = _kept(scores, q_pos, k_idx, kv_len, config=config, causal=causal,
+                                window=window, decode_row=q_len == 1)
+                s = scores.masked_fill(~kept, -math.inf)
+                new_max = torch.maximum(row_max, s.amax(dim=-1))
+                safe_max = torch.where(torch.isfinite(new_max), new_max, torch.zeros_like(new_max))
+                alpha = torch.exp(row_max - safe_max)
+                p = torch.exp(s - safe_max[..., None])
+                values = _gather(v_cache, block_table[b], c0, c1).to(compute_dtype)
+                total = total * alpha + p.sum(dim=-1)
+                acc = acc * alpha[..., None] + _weighted_values(p, values)
+                row_max = new_max
+            safe_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+            o = acc / total.clamp_min(torch.finfo(compute_dtype).tiny)[..., None]
+            o = torch.where((total > 0)[..., None], o, torch.zeros_like(o))
+            rows = slice(cu[b] + r0, cu[b] + r1)
+            out[rows] = o.transpose(0, 1).to(out.dtype)
+            lse[rows] = (safe_max + torch.log(total)).transpose(0, 1)
+    return (out, lse) if return_lse else out

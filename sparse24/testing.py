@@ -1,0 +1,125 @@
+"""Test helpers shared by the project's test suites: paged inputs and a reporting assert."""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Sequence
+
+import torch
+
+__all__ = ["PagedInputs", "make_paged_inputs", "assert_close_report"]
+
+
+class PagedInputs(NamedTuple):
+    """Inputs in the unified-attention layout (see :mod:`sparse24.reference`).
+
+    ``q [T, H_q, D]``, ``k_cache``/``v_cache [num_blocks, block_size, H_kv, D]``,
+    ``block_table [B, max_blocks]`` int32, ``cu_seqlens_q [B + 1]`` int32,
+    ``seq_lens [B]`` int32.
+    """
+
+    q: torch.Tensor
+    k_cache: torch.Tensor
+    v_cache: torch.Tensor
+    block_table: torch.Tensor
+    cu_seqlens_q: torch.Tensor
+    seq_lens: torch.Tensor
+
+
+def make_paged_inputs(
+    q_lens: Sequence[int],
+    kv_lens: Sequence[int],
+    *,
+    num_q_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    block_size: int,
+    dtype: torch.dtype = torch.float32,
+    integer: bool = False,
+    int_range: int = 2,
+    seed: int = 0,
+    extra_blocks: int = 3,
+    device="cpu",
+) -> PagedInputs:
+    """Random paged attention inputs for sequences with ``q_lens[b]`` new queries and
+    ``kv_lens[b]`` keys (``q_len <= kv_len``).
+
+    Pages are handed out in a random permutation (block tables are not the identity), the
+    cache has ``extra_blocks`` unused pages, the block table is one entry wider than the
+    longest sequence needs, and unused block-table entries hold random page numbers: none of
+    that may ever be read. Slots past ``kv_len`` in a sequence's last page hold random values.
+
+    ``integer=True`` fills q and k with integers in ``[-int_range, int_range]`` (exact scores
+    in every dtype, exact ties on purpose); v (and everything with ``integer=False``) is
+    standard normal. Deterministic for a given ``seed``; generated on the CPU, then moved to
+    ``device``.
+    """
+    q_lens, kv_lens = [int(x) for x in q_lens], [int(x) for x in kv_lens]
+    if len(q_lens) != len(kv_lens):
+        raise ValueError(f"q_lens and kv_lens differ in length: {q_lens} vs {kv_lens}")
+    for b, (q_len, kv_len) in enumerate(zip(q_lens, kv_lens)):
+        if not 0 <= q_len <= kv_len:
+            raise ValueError(f"sequence {b}: need 0 <= q_len <= kv_len, got {q_len}, {kv_len}")
+    if num_q_heads % num_kv_heads:
+        raise ValueError(f"num_q_heads {num_q_heads} is not a multiple of num_kv_heads {num_kv_heads}")
+    gen = torch.Generator().manual_seed(seed)
+
+    pages = [-(-kv_len // block_size) for kv_len in kv_lens]
+    num_blocks = sum(pages) + extra_blocks
+    width = max(pages, default=0) + 1
+    perm = torch.randperm(num_blocks, generator=gen)
+    block_table = torch.randint(0, max(num_blocks, 1), (len(kv_lens), width), generator=gen)
+    offset = 0
+    for b, count in enumerate(pages):
+        block_table[b, :count] = perm[offset : offset + count]
+        offset += count
+
+    def draw(shape, ints):
+        if ints:
+            x = torch.randint(-int_range, int_range + 1, shape, generator=gen).to(torch.float32)
+        else:
+            x = torch.randn(shape, generator=gen)
+        return x.to(dtype)
+
+    num_tokens = sum(q_lens)
+    cache_shape = (num_blocks, block_size, num_kv_heads, head_dim)
+    q = draw((num_tokens, num_q_heads, head_dim), integer)
+    k_cache = draw(cache_shape, integer)
+    v_cache = draw(cache_shape, False)
+    cu = torch.zeros(len(q_lens) + 1, dtype=torch.int32)
+    cu[1:] = torch.cumsum(torch.tensor(q_lens, dtype=torch.int64), 0).to(torch.int32)
+    return PagedInputs(
+        q=q.to(device),
+        k_cache=k_cache.to(device),
+        v_cache=v_cache.to(device),
+        block_table=block_table.to(torch.int32).to(device),
+        cu_seqlens_q=cu.to(device),
+        seq_lens=torch.tensor(kv_lens, dtype=torch.int32, device=device),
+    )
+
+
+def assert_close_report(actual, expected, atol: float, rtol: float, name: str = "value") -> None:
+    """Assert ``|actual - expected| <= atol + rtol * |expected|`` elementwise.
+
+    Equal infinities match; a NaN anywhere it is not expected fails. On failure the
+    AssertionError names ``name`` and gives the largest absolute difference, its index and
+    both values, and how many elements are out of tolerance.
+    """
+    a = torch.as_tensor(actual).detach().to("cpu", torch.float64)
+    e = torch.as_tensor(expected).detach().to("cpu", torch.float64)
+    if a.shape != e.shape:
+        raise AssertionError(f"{name}: shape {tuple(a.shape)} != expected {tuple(e.shape)}")
+    if a.numel() == 0:
+        return
+    same = (a == e) | (torch.isnan(a) & torch.isnan(e))
+    diff = torch.where(same, torch.zeros_like(a), (a - e).abs())
+    diff = torch.nan_to_num(diff, nan=float("inf"))
+    tol = atol + rtol * torch.where(torch.isfinite(e), e.abs(), torch.zeros_like(e))
+    bad = diff > tol
+    if bool(bad.any()):
+        flat = int(torch.argmax(diff).item())
+        index = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), a.shape))
+        raise AssertionError(
+            f"{name}: {int(bad.sum())} of {a.numel()} elements out of tolerance "
+            f"(atol={atol}, rtol={rtol}); max abs diff {diff.max().item():.6g} at {index}: "
+            f"actual {a[index].item()!r}, expected {e[index].item()!r}"
+        )
