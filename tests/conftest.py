@@ -1,0 +1,42 @@
+"""Test setup: pick how this process runs Triton before anything imports it.
+
+Triton decides interpreted-or-compiled for the whole process at import time. Without a
+CUDA GPU we set ``TRITON_INTERPRET=1`` here, first, so the kernel tests run the real
+kernel source in Triton's CPU interpreter; with a GPU the kernels are compiled. An
+explicit ``TRITON_INTERPRET`` in the environment always wins.
+"""
+
+import os
+
+if "TRITON_INTERPRET" not in os.environ:
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from sparse24.backends import kernels_interpreted  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def kernel_backend():
+    """(backend, device) that runs the Triton kernel in this process."""
+    if kernels_interpreted():
+        return "interpret", "cpu"
+    if torch.cuda.is_available():
+        return "triton", "cuda"
+    pytest.skip("no CUDA GPU and TRITON_INTERPRET is not 1: the Triton kernel cannot run in this process")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` skip, with the reason, unless compiled kernels and a GPU exist."""
+    if not kernels_interpreted() and torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(
+        reason="needs a CUDA GPU with compiled Triton kernels (this process interprets or has no GPU)"
+    )
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -1,0 +1,341 @@
+"""The Triton kernel against the float64 reference, decision for decision.
+
+Runs the real kernel source: in Triton's interpreter on a CPU (``backend="interpret"``,
+CI) or compiled on a GPU (``backend="triton"``). Two kinds of check per case:
+
+* output (and LSE) against ``unified_attention_reference`` with a tolerance from the dtype;
+* the kept mask itself: with integer-valued q and k (exact scores, exact ties on purpose)
+  we read the kernel's decisions through one-hot values -- V row of key j = e_(j mod D),
+  one pass per D keys -- so ``out[t, h, j] > 0`` iff the kernel kept key j, and compare
+  with ``keep_mask_reference`` exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+
+import numpy as np
+import pytest
+import torch
+
+from sparse24 import SparsityConfig
+from sparse24.reference import keep_mask_reference, unified_attention_reference
+from sparse24.testing import PagedInputs, assert_close_report, make_paged_inputs
+from sparse24.torch_ops import attention, unified_attention, write_kv_cache
+
+GOLDEN = pathlib.Path(__file__).parent / "data" / "golden"
+
+# Tolerances from the dtype: fp32 accumulates like the float64 oracle up to rounding;
+# bf16/fp16 round q, k, v (exact here for integers), P and the output.
+TOLERANCE = {
+    torch.float32: dict(atol=2e-5, rtol=1e-5),
+    torch.float16: dict(atol=4e-3, rtol=4e-3),
+    torch.bfloat16: dict(atol=2.5e-2, rtol=2e-2),
+}
+
+
+def _run(inputs: PagedInputs, backend: str, **kwargs):
+    return unified_attention(*inputs, backend=backend, **kwargs)
+
+
+def kernel_keep_mask(inputs: PagedInputs, backend: str, **kwargs) -> list[torch.Tensor]:
+    """The kernel's kept mask per sequence, [H_q, q_len, kv_len] bool, read through one-hot V."""
+    q, k_cache, v_cache, block_table, cu, kv = inputs
+    head_dim = q.shape[-1]
+    block_size = k_cache.shape[1]
+    cu_h, kv_h, bt_h = cu.cpu().tolist(), kv.cpu().tolist(), block_table.cpu()
+    masks = [torch.zeros(q.shape[1], cu_h[b + 1] - cu_h[b], kv_h[b], dtype=torch.bool) for b in range(len(kv_h))]
+    for start in range(0, max(kv_h), head_dim):
+        probe = torch.zeros(v_cache.shape, dtype=torch.float32)
+        for b, kv_len in enumerate(kv_h):
+            for j in range(start, min(start + head_dim, kv_len)):
+                probe[int(bt_h[b, j // block_size]), j % block_size, :, j - start] = 1.0
+        out = _run(inputs._replace(v_cache=probe.to(v_cache.dtype).to(v_cache.device)), backend, **kwargs).cpu()
+        for b, kv_len in enumerate(kv_h):
+            width = min(start + head_dim, kv_len) - start
+            if width <= 0:
+                continue
+            rows = out[cu_h[b] : cu_h[b + 1], :, :width].float()  # [q_len, H_q, width]
+            masks[b][:, :, start : start + width] = rows.permute(1, 0, 2) > 0
+    return masks
+
+
+def check_case(
+    backend: str,
+    device: str,
+    *,
+    q_lens,
+    kv_lens,
+    num_q_heads=4,
+    num_kv_heads=2,
+    head_dim=64,
+    block_size=16,
+    config="2:4,recent=0",
+    causal=True,
+    window=None,
+    softcap=None,
+    num_kv_splits=None,
+    dtype=torch.float32,
+    decisions=True,
+    seed=0,
+):
+    cfg = SparsityConfig.parse(config)
+    inputs = make_paged_inputs(
+        q_lens, kv_lens, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
+        block_size=block_size, dtype=dtype, integer=True, int_range=1, seed=seed, device=device,
+    )
+    kwargs = dict(config=cfg, causal=causal, window=window, softcap=softcap, num_kv_splits=num_kv_splits)
+    before = [t.clone() for t in inputs]
+    out, lse = _run(inputs, backend, return_lse=True, **kwargs)
+    for name, t, b in zip(PagedInputs._fields, inputs, before):
+        assert torch.equal(t, b), f"{name} was modified"
+    assert out.dtype == dtype and out.shape == inputs.q.shape
+    assert not torch.isnan(out).any() and not torch.isnan(lse).any()
+
+    ref_inputs = PagedInputs(*[t.cpu() for t in inputs])
+    ref_out, ref_lse = unified_attention_reference(*ref_inputs, return_lse=True, **{k: v for k, v in kwargs.items() if k != "num_kv_splits"})
+    assert_close_report(out, ref_out, name="out", **TOLERANCE[dtype])
+    assert_close_report(lse, ref_lse, atol=1e-4, rtol=1e-5, name="lse")
+
+    if decisions:
+        got = kernel_keep_mask(inputs, backend, **kwargs)
+        want = keep_mask_reference(*[t for i, t in enumerate(ref_inputs) if i != 2], **{k: v for k, v in kwargs.items() if k != "num_kv_splits"})
+        for b, (g, w) in enumerate(zip(got, want)):
+            if not torch.equal(g, w.cpu()):
+                h, i, j = (g != w.cpu()).nonzero()[0].tolist()
+                raise AssertionError(
+                    f"sequence {b}: kept mask differs at head {h}, query {i}, key {j}: "
+                    f"kernel {bool(g[h, i, j])}, reference {bool(w[h, i, j])} "
+                    f"({int((g != w.cpu()).sum())} differences)"
+                )
+
+
+# One factor at a time around a mixed batch (chunked prefill + decode + full prefill +
+# a one-token sequence); every length is off the multiples of 4, 16 and 64 somewhere.
+BASE = dict(q_lens=(9, 1, 23, 1), kv_lens=(41, 30, 23, 1))
+GRID = {
+    "mixed": {},
+    "decode": dict(q_lens=(1, 1, 1), kv_lens=(1, 37, 64)),
+    "prefill": dict(q_lens=(50,), kv_lens=(50,)),
+    "chunked-prefill": dict(q_lens=(13, 7), kv_lens=(61, 30)),
+    "gqa1": dict(num_q_heads=2, num_kv_heads=2),
+    "gqa4": dict(num_q_heads=8, num_kv_heads=2),
+    "gqa5": dict(num_q_heads=5, num_kv_heads=1),
+    "gqa8": dict(num_q_heads=8, num_kv_heads=1),
+    "head-dim-80": dict(head_dim=80),
+    "head-dim-128": dict(head_dim=128, q_lens=(9, 1, 70), kv_lens=(100, 127, 70)),
+    "page-1": dict(block_size=1),
+    "page-32": dict(block_size=32),
+    "page-whole-seq": dict(block_size=64),
+    "non-causal": dict(causal=False),
+    "window-7": dict(window=7),
+    "window-20-non-causal": dict(window=20, causal=False),
+    "softcap": dict(softcap=5.0),
+    "sink-recent": dict(config="2:4,sink=3,recent=6"),
+    "recent-64": dict(config="2:4"),
+    "dense-decode": dict(config="2:4,recent=0,sparse_decode=false"),
+    "1:4": dict(config="1:4,recent=0"),
+    "3:4": dict(config="3:4,recent=0"),
+    "2:8": dict(config="2:8,recent=0"),
+    "5:8": dict(config="5:8,sink=2,recent=3"),
+    "1:8-window": dict(config="1:8,recent=0", window=11),
+    "dense": dict(config="dense"),
+    "split-2": dict(num_kv_splits=2),
+    "split-8-decode": dict(num_kv_splits=8, q_lens=(1, 1, 1), kv_lens=(1, 37, 64)),
+    "split-4-window": dict(num_kv_splits=4, window=9, q_lens=(3, 1), kv_lens=(64, 50)),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case", list(GRID), ids=list(GRID))
+def test_kernel_matches_reference(kernel_backend, case, dtype):
+    backend, device = kernel_backend
+    check_case(backend, device, **{**BASE, **GRID[case]}, dtype=dtype)
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        dict(config="2:4,recent=0"),
+        dict(config="2:4,sink=4,recent=16", window=100),
+        dict(config="4:8,recent=0", num_kv_splits=4),
+        dict(config="dense", num_kv_splits=2),
+    ],
+    ids=["2:4", "2:4-sink-recent-window", "4:8-split", "dense-split"],
+)
+def test_kernel_long_context(kernel_backend, case):
+    """Several key tiles and pages per sequence; decisions through the (integer) outputs."""
+    backend, device = kernel_backend
+    check_case(
+        backend, device, q_lens=(1, 40, 1), kv_lens=(333, 301, 170), block_size=16,
+        decisions=False, **case,
+    )
+
+
+def test_kernel_fp16(kernel_backend):
+    backend, device = kernel_backend
+    check_case(backend, device, **BASE, dtype=torch.float16, decisions=False)
+
+
+def test_kernel_ties_exact(kernel_backend):
+    """All keys equal: every group keeps exactly its first N keys (lower index wins)."""
+    backend, device = kernel_backend
+    inputs = make_paged_inputs((5, 1), (22, 13), num_q_heads=2, num_kv_heads=1, head_dim=64, block_size=16, device=device)
+    inputs = inputs._replace(
+        q=torch.ones_like(inputs.q), k_cache=torch.ones_like(inputs.k_cache)
+    )
+    for config, kept_in_group in (("2:4,recent=0", [1, 1, 0, 0]), ("3:8,recent=0", [1, 1, 1, 0, 0, 0, 0, 0])):
+        cfg = SparsityConfig.parse(config)
+        masks = kernel_keep_mask(inputs, backend, config=cfg)
+        for b, mask in enumerate(masks):
+            kv_len = mask.shape[-1]
+            q_len = mask.shape[1]
+            for i in range(q_len):
+                p = kv_len - q_len + i
+                expected = torch.tensor([bool(kept_in_group[j % cfg.m]) for j in range(kv_len)])
+                expected[p + 1 :] = False
+                assert torch.equal(mask[0, i], expected), (config, b, i)
+
+
+def test_split_count_does_not_change_results(kernel_backend):
+    backend, device = kernel_backend
+    inputs = make_paged_inputs((1, 1, 3), (200, 77, 130), num_q_heads=4, num_kv_heads=1, head_dim=64,
+                               block_size=16, integer=True, int_range=1, seed=3, device=device)
+    outs = [unified_attention(*inputs, num_kv_splits=s, backend=backend) for s in (1, 2, 4, 16)]
+    for s, o in zip((2, 4, 16), outs[1:]):
+        assert_close_report(o, outs[0], atol=1e-6, rtol=1e-6, name=f"splits={s} vs 1")
+
+
+def test_golden_cases_kernel(kernel_backend):
+    """The 40 independent float64 cases of the spec (../shared/golden) through the kernel."""
+    backend, device = kernel_backend
+    cases = json.loads((GOLDEN / "nm_attention_cases.json").read_text())
+    data = np.load(GOLDEN / "nm_attention_cases.npz")
+    for case in cases:
+        i = case["case"]
+        arrays = [torch.from_numpy(data[f"case{i}_{name}"]).to(device) for name in PagedInputs._fields]
+        cfg = SparsityConfig(
+            n=case["n"], m=case["m"], dense_sink_tokens=case["sink"], dense_recent_tokens=case["recent"],
+            sparse_decode=case["sparse_decode"],
+        )
+        out = unified_attention(
+            *arrays, config=cfg, causal=case["causal"], window=case["window"], softcap=case["softcap"], backend=backend
+        )
+        assert_close_report(out, torch.from_numpy(data[f"case{i}_out"]), atol=1e-5, rtol=1e-5, name=f"golden case {i}")
+
+
+def test_no_nan_when_segments_or_tiles_are_empty(kernel_backend):
+    """Empty split-KV segments and key tiles that are fully masked for some rows."""
+    backend, device = kernel_backend
+    inputs = make_paged_inputs((1, 2), (3, 150), num_q_heads=2, num_kv_heads=1, head_dim=64, block_size=16, device=device)
+    for kwargs in (dict(num_kv_splits=16), dict(window=2), dict(window=1, num_kv_splits=4)):
+        out, lse = unified_attention(*inputs, return_lse=True, backend=backend, **kwargs)
+        assert torch.isfinite(out).all() and torch.isfinite(lse).all(), kwargs
+        ref = unified_attention_reference(*[t.cpu() for t in inputs], window=kwargs.get("window"))
+        assert_close_report(out, ref, name=str(kwargs), **TOLERANCE[torch.float32])
+
+
+def test_non_contiguous_inputs_and_out_buffer(kernel_backend):
+    backend, device = kernel_backend
+    base = make_paged_inputs((6, 1), (40, 19), num_q_heads=4, num_kv_heads=2, head_dim=64, block_size=16,
+                             integer=True, int_range=1, device=device)
+    # Caches as views into wider buffers, q with heads interleaved, out as a strided view.
+    wide_k = torch.zeros(*base.k_cache.shape[:-1], 96, device=device)
+    wide_v = torch.zeros_like(wide_k)
+    wide_k[..., 16:80] = base.k_cache
+    wide_v[..., 16:80] = base.v_cache
+    q_t = base.q.transpose(0, 1).contiguous().transpose(0, 1)
+    out_buf = torch.full((base.q.shape[0], base.q.shape[1], 128), 7.0, device=device)
+    out_view = out_buf[..., :64]
+    inputs = base._replace(q=q_t, k_cache=wide_k[..., 16:80], v_cache=wide_v[..., 16:80])
+    result = unified_attention(*inputs, out=out_view, backend=backend)
+    assert result.data_ptr() == out_view.data_ptr()
+    assert (out_buf[..., 64:] == 7.0).all()
+    ref = unified_attention_reference(*[t.cpu() for t in base])
+    assert_close_report(out_view, ref, name="strided", **TOLERANCE[torch.float32])
+
+
+@pytest.mark.parametrize("seq_lens", [None, [5, 3]])
+@pytest.mark.parametrize("seqlen_q", [5, 1])
+def test_padded_attention_matches_reference(kernel_backend, seq_lens, seqlen_q):
+    backend, device = kernel_backend
+    gen = torch.Generator().manual_seed(1)
+    q = torch.randint(-1, 2, (2, seqlen_q, 4, 64), generator=gen).float().to(device)
+    k = torch.randint(-1, 2, (2, 5, 2, 64), generator=gen).float().to(device)
+    v = torch.randn(2, 5, 2, 64, generator=gen).to(device)
+    lens = None if seq_lens is None else torch.tensor(seq_lens, dtype=torch.int32, device=device)
+    cfg = SparsityConfig(dense_recent_tokens=0)
+    out = attention(q, k, v, config=cfg, seq_lens=lens, backend=backend)
+    for b in range(2):
+        kv_len = 5 if seq_lens is None else seq_lens[b]
+        q_len = min(seqlen_q, kv_len)
+        ref = unified_attention_reference(
+            q[b, :q_len].cpu(), k[b : b + 1, :kv_len].cpu(), v[b : b + 1, :kv_len].cpu(),
+            torch.zeros(1, 1, dtype=torch.int32), torch.tensor([0, q_len], dtype=torch.int32),
+            torch.tensor([kv_len], dtype=torch.int32), config=cfg,
+        )
+        assert_close_report(out[b, :q_len], ref, name=f"row {b}", **TOLERANCE[torch.float32])
+        assert (out[b, q_len:] == 0).all()
+
+
+def test_write_kv_cache(kernel_backend):
+    backend, device = kernel_backend
+    gen = torch.Generator().manual_seed(2)
+    for dtype in (torch.float32, torch.bfloat16):
+        k = torch.randn(5, 2, 80, generator=gen).to(dtype).to(device)
+        v = torch.randn(5, 2, 80, generator=gen).to(dtype).to(device)
+        k_cache = torch.zeros(3, 4, 2, 80, dtype=dtype, device=device)
+        v_cache = torch.zeros_like(k_cache)
+        slots = torch.tensor([0, 5, -1, 11, 6], dtype=torch.int32, device=device)
+        write_kv_cache(k, v, k_cache, v_cache, slots, backend=backend)
+        expect_k = torch.zeros_like(k_cache)
+        expect_v = torch.zeros_like(v_cache)
+        write_kv_cache(k, v, expect_k, expect_v, slots, backend="reference")
+        assert torch.equal(k_cache, expect_k) and torch.equal(v_cache, expect_v)
+        assert torch.equal(k_cache[1, 1], k[1]) and torch.equal(v_cache[2, 3], v[3])
+        assert k_cache.abs().sum(dim=(-1, -2)).count_nonzero() == 4  # the -1 slot was skipped
+
+
+def test_prefill_then_decode_select_the_same_keys(kernel_backend):
+    """Token-by-token decode of a prompt keeps what one prefill of it keeps."""
+    backend, device = kernel_backend
+    total, prompt = 45, 40
+    inputs = make_paged_inputs((total,), (total,), num_q_heads=2, num_kv_heads=1, head_dim=64, block_size=16,
+                               integer=True, int_range=1, device=device)
+    cfg = SparsityConfig(dense_recent_tokens=0)
+    full = unified_attention(*inputs, config=cfg, backend=backend)
+    for t in range(prompt, total):
+        step = inputs._replace(
+            q=inputs.q[t : t + 1],
+            cu_seqlens_q=torch.tensor([0, 1], dtype=torch.int32, device=device),
+            seq_lens=torch.tensor([t + 1], dtype=torch.int32, device=device),
+        )
+        out = unified_attention(*step, config=cfg, backend=backend)
+        assert_close_report(out, full[t : t + 1], atol=1e-6, rtol=1e-6, name=f"decode step {t}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
+def test_gpu_large(dtype):
+    """GPU only: head dim 128, a 16k context, GQA 32/8, mixed batch, against the chunked float64 reference."""
+    from sparse24.reference import unified_attention_chunked
+
+    inputs = make_paged_inputs((1, 300, 1, 1), (16384, 2000, 4097, 129), num_q_heads=32, num_kv_heads=8,
+                               head_dim=128, block_size=16, dtype=dtype, integer=dtype != torch.float32,
+                               int_range=1, device="cuda")
+    for config in ("2:4", "2:4,recent=0", "dense", "4:8,sink=4,recent=64"):
+        cfg = SparsityConfig.parse(config)
+        out = unified_attention(*inputs, config=cfg, backend="triton")
+        ref = unified_attention_chunked(*inputs, config=cfg, compute_dtype=torch.float64)
+        assert_close_report(out, ref, name=f"{config} {dtype}", **TOLERANCE[dtype])
+
+
+def test_scale_is_used(kernel_backend):
+    backend, device = kernel_backend
+    inputs = make_paged_inputs((3,), (20,), num_q_heads=2, num_kv_heads=1, head_dim=64, block_size=16, device=device)
+    out = unified_attention(*inputs, softmax_scale=0.3, backend=backend)
+    ref = unified_attention_reference(*[t.cpu() for t in inputs], softmax_scale=0.3)
+    assert_close_report(out, ref, name="scale 0.3", **TOLERANCE[torch.float32])
+    assert not math.isclose(float((out.cpu() - unified_attention_reference(*[t.cpu() for t in inputs])).abs().max()), 0.0)
