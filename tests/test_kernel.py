@@ -339,3 +339,16 @@ def test_scale_is_used(kernel_backend):
     ref = unified_attention_reference(*[t.cpu() for t in inputs], softmax_scale=0.3)
     assert_close_report(out, ref, name="scale 0.3", **TOLERANCE[torch.float32])
     assert not math.isclose(float((out.cpu() - unified_attention_reference(*[t.cpu() for t in inputs])).abs().max()), 0.0)
+
+
+@pytest.mark.gpu
+def test_torch_compile_fullgraph_matches_eager():
+    inputs = make_paged_inputs((1, 37, 1), (300, 37, 65), num_q_heads=8, num_kv_heads=2, head_dim=128,
+                               block_size=16, dtype=torch.bfloat16, device="cuda")
+
+    def step(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens):
+        return unified_attention(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens,
+                                 max_seqlen_q=37, max_seqlen_k=300, backend="triton") * 2
+
+    compiled = torch.compile(step, fullgraph=True)
+    assert torch.equal(compiled(*inputs), step(*inputs))

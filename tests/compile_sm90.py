@@ -1,0 +1,112 @@
+"""Compile every kernel specialization the launchers use for an sm_90 GPU, on any machine.
+
+Run as a script in a process *without* TRITON_INTERPRET (tests/test_gpu_compile.py does
+that): ``triton.compile`` runs the whole pipeline to a cubin with the ptxas shipped in
+the triton wheel, so a GPU-only compile error fails CI instead of a user. The
+specializations come from the same planner and constexpr builders the launchers call.
+
+Prints one line per specialization; exits non-zero on the first failure.
+"""
+
+from __future__ import annotations
+
+import itertools
+import sys
+import time
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from sparse24.kernels import (
+    plan_unified_attention,
+    plan_write_kv_cache,
+    reduce_segments_kernel,
+    unified_attention_kernel,
+    write_kv_cache_kernel,
+)
+
+TARGET = GPUTarget("cuda", 90, 32)
+TRITON_DTYPE = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
+FLOAT_SCALARS = {"softmax_scale", "softcap"}
+FP32_POINTERS = {"lse_ptr", "segm_acc_ptr", "segm_max_ptr", "segm_sum_ptr"}
+INT32_POINTERS = {"block_table_ptr", "cu_seqlens_q_ptr", "seq_lens_ptr", "slot_mapping_ptr"}
+
+
+def signature(kernel, dtype: str, constexprs: dict) -> dict:
+    sig = {}
+    for name in kernel.arg_names:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name in FP32_POINTERS:
+            sig[name] = "*fp32"
+        elif name in INT32_POINTERS:
+            sig[name] = "*i32"
+        elif name.endswith("_ptr"):
+            sig[name] = "*" + TRITON_DTYPE[dtype]
+        elif name in FLOAT_SCALARS:
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i32"
+    return sig
+
+
+def compile_one(kernel, dtype: str, constexprs: dict, label: str) -> None:
+    constexprs = dict(constexprs)
+    options = {"num_warps": constexprs.pop("num_warps"), "num_stages": constexprs.pop("num_stages", 2)}
+    start = time.time()
+    src = ASTSource(fn=kernel, signature=signature(kernel, dtype, constexprs), constexprs=constexprs)
+    compiled = triton.compile(src, target=TARGET, options=options)
+    assert compiled.asm.get("cubin"), label
+    print(f"ok {label} ({time.time() - start:.1f}s)", flush=True)
+
+
+def attention_specializations():
+    """(dtype, plan kwargs, feature flags) covering every constexpr branch of the launchers."""
+    configs = {"dense": (4, 4), "2:4": (2, 4), "1:8": (1, 8), "4:8": (4, 8)}
+    full = dict(causal=True, use_window=True, use_softcap=True, use_sink=True, use_recent=True,
+                sparse_decode=False, store_lse=True)
+    plain = dict(causal=True, use_window=False, use_softcap=False, use_sink=False, use_recent=True,
+                 sparse_decode=True, store_lse=False)
+    non_causal = dict(plain, causal=False)
+    for dtype, (name, (n, m)), head_dim in itertools.product(("bfloat16", "float16", "float32"), configs.items(), (64, 128)):
+        if name == "4:8" and dtype != "bfloat16":
+            continue
+        yield dtype, dict(n=n, m=m, head_dim=head_dim, max_seqlen_q=512, num_q_heads=32, num_kv_heads=8), plain
+    for head_dim in (80, 96, 256):
+        yield "bfloat16", dict(n=2, m=4, head_dim=head_dim, max_seqlen_q=512, num_q_heads=8, num_kv_heads=8), full
+    yield "bfloat16", dict(n=2, m=4, head_dim=128, max_seqlen_q=512, num_q_heads=40, num_kv_heads=8), non_causal
+    yield "float32", dict(n=2, m=8, head_dim=64, max_seqlen_q=64, num_q_heads=4, num_kv_heads=4), full
+    # decode, split-KV (planner picks segments from the SM count)
+    for dtype, (n, m) in itertools.product(("bfloat16", "float32"), ((4, 4), (2, 4), (2, 8))):
+        yield dtype, dict(n=n, m=m, head_dim=128, max_seqlen_q=1, num_q_heads=32, num_kv_heads=8, num_sms=132), full
+
+
+def main() -> int:
+    count = 0
+    reduce_done = set()
+    for dtype, plan_kwargs, flags in attention_specializations():
+        plan = plan_unified_attention(num_tokens=4096, num_seqs=8, dtype=dtype, max_seqlen_k=4096, **plan_kwargs)
+        on = ",".join(k for k, v in flags.items() if v is True)
+        label = (f"unified_attention {dtype} n:m={plan_kwargs['n']}:{plan_kwargs['m']} D={plan_kwargs['head_dim']} "
+                 f"BLOCK_M={plan.block_m} TILE_N={plan.tile_n} segments={plan.num_segments} [{on}]")
+        compile_one(unified_attention_kernel, dtype, plan.kernel_constexprs(**flags), label)
+        count += 1
+        key = (dtype, plan.head_dim, plan.num_segments, flags["store_lse"])
+        if plan.is_split and key not in reduce_done:
+            reduce_done.add(key)
+            compile_one(reduce_segments_kernel, dtype, plan.reduce_constexprs(store_lse=flags["store_lse"]),
+                        f"reduce_segments {key}")
+            count += 1
+    for dtype, head_dim in itertools.product(("bfloat16", "float16", "float32"), (64, 80)):
+        plan = plan_write_kv_cache(num_tokens=16, num_kv_heads=8, head_dim=head_dim)
+        compile_one(write_kv_cache_kernel, dtype,
+                    dict(HEAD_DIM=head_dim, HEAD_DIM_PAD=plan.head_dim_pad, num_warps=plan.num_warps),
+                    f"write_kv_cache {dtype} D={head_dim}")
+        count += 1
+    print(f"compiled {count} specializations for sm_90")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
