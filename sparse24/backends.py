@@ -9,29 +9,39 @@ is an error that says how to get it.
 
 from __future__ import annotations
 
-import functools
-
 BACKENDS = ("auto", "triton", "interpret", "reference")
 
+# Process-wide facts, computed once. Plain module globals (not lru_cache) so that
+# torch.compile reads them as constants instead of tracing the probes.
+_TRITON_AVAILABLE: bool | None = None
+_KERNELS_INTERPRETED: bool | None = None
 
-@functools.lru_cache(maxsize=None)
+
 def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    global _TRITON_AVAILABLE
+    if _TRITON_AVAILABLE is None:
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            _TRITON_AVAILABLE = False
+        else:
+            _TRITON_AVAILABLE = True
+    return _TRITON_AVAILABLE
 
 
-@functools.lru_cache(maxsize=None)
 def kernels_interpreted() -> bool:
     """True when sparse24's kernels run in Triton's interpreter in this process."""
-    if not triton_available():
-        return False
-    from sparse24.kernels import unified_attention_kernel
-    from triton.runtime.jit import JITFunction
+    global _KERNELS_INTERPRETED
+    if _KERNELS_INTERPRETED is None:
+        if not triton_available():
+            _KERNELS_INTERPRETED = False
+        else:
+            from triton.runtime.jit import JITFunction
 
-    return not isinstance(unified_attention_kernel, JITFunction)
+            from sparse24.kernels import unified_attention_kernel
+
+            _KERNELS_INTERPRETED = not isinstance(unified_attention_kernel, JITFunction)
+    return _KERNELS_INTERPRETED
 
 
 def resolve_backend(backend: str, *, on_cuda: bool) -> str:

@@ -1,9 +1,9 @@
 """torch.library registrations of the Triton kernels (inference only, no autograd).
 
-The ops are registered with ``torch.library.triton_op`` and launch through
-``torch.library.wrap_triton`` so ``torch.compile`` can trace them and CUDA graphs can
-capture them. In an interpreting process (``TRITON_INTERPRET=1``) the same kernel
-objects are called directly. All launch math comes from ``sparse24.kernels.planner``.
+With compiled kernels the ops are ``torch.library.triton_op``s that launch through
+``torch.library.wrap_triton``, so ``torch.compile`` sees the Triton kernels and CUDA
+graphs can capture them. In an interpreting process (``TRITON_INTERPRET=1``) the same
+kernel objects are called directly from an opaque ``torch.library.custom_op``. All launch math comes from ``sparse24.kernels.planner``.
 """
 
 from __future__ import annotations
@@ -22,8 +22,17 @@ from sparse24.kernels import (
 )
 
 
+INTERPRETED = kernels_interpreted()  # decided once per process, before any tracing
+
+
 def _launcher(kernel):
-    return kernel if kernels_interpreted() else torch.library.wrap_triton(kernel)
+    return kernel if INTERPRETED else torch.library.wrap_triton(kernel)
+
+
+# Compiled kernels: ``triton_op``, which torch.compile decomposes into the wrapped Triton
+# launches (Inductor sees the kernels). Interpreted kernels cannot be traced, so there the
+# op is an opaque ``custom_op`` with a fake implementation (torch.compile still works on CPU).
+_register_op = torch.library.custom_op if INTERPRETED else torch.library.triton_op
 
 
 @functools.lru_cache(maxsize=None)
@@ -42,7 +51,7 @@ def dtype_str(dtype: torch.dtype) -> str:
     return str(dtype).rsplit(".", 1)[-1]
 
 
-@torch.library.triton_op("sparse24::unified_attention", mutates_args={"out", "lse"})
+@_register_op("sparse24::unified_attention", mutates_args={"out", "lse"})
 def unified_attention_op(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -83,7 +92,7 @@ def unified_attention_op(
         max_seqlen_q=max_seqlen_q,
         max_seqlen_k=max_seqlen_k,
         num_sms=num_sms(q.device),
-        interpret=kernels_interpreted(),
+        interpret=INTERPRETED,
         num_kv_splits=num_kv_splits or None,
     )
     if plan.is_split:
@@ -125,7 +134,7 @@ def unified_attention_op(
         )
 
 
-@torch.library.triton_op("sparse24::write_kv_cache", mutates_args={"k_cache", "v_cache"})
+@_register_op("sparse24::write_kv_cache", mutates_args={"k_cache", "v_cache"})
 def write_kv_cache_op(
     k: torch.Tensor,
     v: torch.Tensor,
@@ -150,3 +159,14 @@ def write_kv_cache_op(
         HEAD_DIM_PAD=plan.head_dim_pad,
         num_warps=plan.num_warps,
     )
+
+
+if INTERPRETED:
+
+    @unified_attention_op.register_fake
+    def _(*args, **kwargs) -> None:
+        return None
+
+    @write_kv_cache_op.register_fake
+    def _(*args, **kwargs) -> None:
+        return None
