@@ -266,6 +266,10 @@ def unified_attention_kernel(
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs (exact decisions), else "tf32"
 ):
     """Grid: (num_q_blocks upper bound = num_tokens // BLOCK_Q + num_seqs, num_kv_heads, NUM_SEGMENTS)."""
+    # Float scalars arrive as fp32 from a torch launch but as fp64 from torch.compile
+    # (Inductor) and Python floats under jax-triton: fix the compute type here.
+    softmax_scale = tl.cast(softmax_scale, tl.float32)
+    softcap = tl.cast(softcap, tl.float32)
     q_block_global = tl.program_id(0)
     kv_head = tl.program_id(1)
     segment = tl.program_id(2)

@@ -33,7 +33,7 @@ FP32_POINTERS = {"lse_ptr", "segm_acc_ptr", "segm_max_ptr", "segm_sum_ptr"}
 INT32_POINTERS = {"block_table_ptr", "cu_seqlens_q_ptr", "seq_lens_ptr", "slot_mapping_ptr"}
 
 
-def signature(kernel, dtype: str, constexprs: dict) -> dict:
+def signature(kernel, dtype: str, constexprs: dict, float_scalar: str = "fp32") -> dict:
     sig = {}
     for name in kernel.arg_names:
         if name in constexprs:
@@ -45,17 +45,17 @@ def signature(kernel, dtype: str, constexprs: dict) -> dict:
         elif name.endswith("_ptr"):
             sig[name] = "*" + TRITON_DTYPE[dtype]
         elif name in FLOAT_SCALARS:
-            sig[name] = "fp32"
+            sig[name] = float_scalar
         else:
             sig[name] = "i32"
     return sig
 
 
-def compile_one(kernel, dtype: str, constexprs: dict, label: str) -> None:
+def compile_one(kernel, dtype: str, constexprs: dict, label: str, float_scalar: str = "fp32") -> None:
     constexprs = dict(constexprs)
     options = {"num_warps": constexprs.pop("num_warps"), "num_stages": constexprs.pop("num_stages", 2)}
     start = time.time()
-    src = ASTSource(fn=kernel, signature=signature(kernel, dtype, constexprs), constexprs=constexprs)
+    src = ASTSource(fn=kernel, signature=signature(kernel, dtype, constexprs, float_scalar), constexprs=constexprs)
     compiled = triton.compile(src, target=TARGET, options=options)
     assert compiled.asm.get("cubin"), label
     print(f"ok {label} ({time.time() - start:.1f}s)", flush=True)
@@ -98,6 +98,14 @@ def main() -> int:
             compile_one(reduce_segments_kernel, dtype, plan.reduce_constexprs(store_lse=flags["store_lse"]),
                         f"reduce_segments {key}")
             count += 1
+    # torch.compile (Inductor) passes Python floats as fp64 scalars
+    plan = plan_unified_attention(num_tokens=64, num_seqs=2, dtype="bfloat16", max_seqlen_k=300, n=2, m=4,
+                                  head_dim=64, max_seqlen_q=37, num_q_heads=8, num_kv_heads=2)
+    flags = dict(causal=True, use_window=False, use_softcap=True, use_sink=False, use_recent=True,
+                 sparse_decode=True, store_lse=False)
+    compile_one(unified_attention_kernel, "bfloat16", plan.kernel_constexprs(**flags),
+                "unified_attention bfloat16 2:4 with fp64 float scalars (Inductor)", float_scalar="fp64")
+    count += 1
     for dtype, head_dim in itertools.product(("bfloat16", "float16", "float32"), (64, 80)):
         plan = plan_write_kv_cache(num_tokens=16, num_kv_heads=8, head_dim=head_dim)
         compile_one(write_kv_cache_kernel, dtype,
