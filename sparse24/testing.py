@@ -6,7 +6,7 @@ from typing import NamedTuple, Sequence
 
 import torch
 
-__all__ = ["PagedInputs", "make_paged_inputs", "assert_close_report"]
+__all__ = ["PagedInputs", "make_paged_inputs", "assert_close_report", "kernel_keep_mask"]
 
 
 class PagedInputs(NamedTuple):
@@ -123,3 +123,40 @@ def assert_close_report(actual, expected, atol: float, rtol: float, name: str = 
             f"(atol={atol}, rtol={rtol}); max abs diff {diff.max().item():.6g} at {index}: "
             f"actual {a[index].item()!r}, expected {e[index].item()!r}"
         )
+
+
+def kernel_keep_mask(inputs: PagedInputs, **kwargs) -> list[torch.Tensor]:
+    """The keys the *kernel* kept, per sequence: bool [H_q, q_len, kv_len] (CPU).
+
+    Reads the decisions through the output, with no debug path in the kernel: V is replaced
+    by one-hot rows (key j -> e_(j - start) for the keys [start, start + head_dim)), one
+    call per ``head_dim`` keys, so ``out[t, h, j - start] > 0`` iff key j was kept. Keep
+    scores moderate (small-integer q and k, as ``make_paged_inputs(integer=True,
+    int_range=1)`` gives) so that kept probabilities do not underflow to zero.
+
+    Args:
+      inputs: the unified-attention inputs (``v_cache`` is ignored).
+      **kwargs: passed to ``sparse24.torch_ops.unified_attention`` (config, causal,
+        window, softcap, num_kv_splits, backend, ...).
+    """
+    from sparse24.torch_ops import unified_attention
+
+    q, k_cache, v_cache, block_table, cu, kv = inputs
+    head_dim = q.shape[-1]
+    block_size = k_cache.shape[1]
+    cu_h, kv_h, bt_h = cu.cpu().tolist(), kv.cpu().tolist(), block_table.cpu()
+    masks = [torch.zeros(q.shape[1], cu_h[b + 1] - cu_h[b], kv_h[b], dtype=torch.bool) for b in range(len(kv_h))]
+    for start in range(0, max(kv_h, default=0), head_dim):
+        probe = torch.zeros(v_cache.shape, dtype=torch.float32)
+        for b, kv_len in enumerate(kv_h):
+            for j in range(start, min(start + head_dim, kv_len)):
+                probe[int(bt_h[b, j // block_size]), j % block_size, :, j - start] = 1.0
+        probe = probe.to(v_cache.dtype).to(v_cache.device)
+        out = unified_attention(q, k_cache, probe, block_table, cu, kv, **kwargs).cpu()
+        for b, kv_len in enumerate(kv_h):
+            width = min(start + head_dim, kv_len) - start
+            if width <= 0:
+                continue
+            rows = out[cu_h[b] : cu_h[b + 1], :, :width].float()  # [q_len, H_q, width]
+            masks[b][:, :, start : start + width] = rows.permute(1, 0, 2) > 0
+    return masks

@@ -22,7 +22,7 @@ import torch
 
 from sparse24 import SparsityConfig
 from sparse24.reference import keep_mask_reference, unified_attention_reference
-from sparse24.testing import PagedInputs, assert_close_report, make_paged_inputs
+from sparse24.testing import PagedInputs, assert_close_report, kernel_keep_mask, make_paged_inputs
 from sparse24.torch_ops import attention, unified_attention, write_kv_cache
 
 GOLDEN = pathlib.Path(__file__).parent / "data" / "golden"
@@ -38,28 +38,6 @@ TOLERANCE = {
 
 def _run(inputs: PagedInputs, backend: str, **kwargs):
     return unified_attention(*inputs, backend=backend, **kwargs)
-
-
-def kernel_keep_mask(inputs: PagedInputs, backend: str, **kwargs) -> list[torch.Tensor]:
-    """The kernel's kept mask per sequence, [H_q, q_len, kv_len] bool, read through one-hot V."""
-    q, k_cache, v_cache, block_table, cu, kv = inputs
-    head_dim = q.shape[-1]
-    block_size = k_cache.shape[1]
-    cu_h, kv_h, bt_h = cu.cpu().tolist(), kv.cpu().tolist(), block_table.cpu()
-    masks = [torch.zeros(q.shape[1], cu_h[b + 1] - cu_h[b], kv_h[b], dtype=torch.bool) for b in range(len(kv_h))]
-    for start in range(0, max(kv_h), head_dim):
-        probe = torch.zeros(v_cache.shape, dtype=torch.float32)
-        for b, kv_len in enumerate(kv_h):
-            for j in range(start, min(start + head_dim, kv_len)):
-                probe[int(bt_h[b, j // block_size]), j % block_size, :, j - start] = 1.0
-        out = _run(inputs._replace(v_cache=probe.to(v_cache.dtype).to(v_cache.device)), backend, **kwargs).cpu()
-        for b, kv_len in enumerate(kv_h):
-            width = min(start + head_dim, kv_len) - start
-            if width <= 0:
-                continue
-            rows = out[cu_h[b] : cu_h[b + 1], :, :width].float()  # [q_len, H_q, width]
-            masks[b][:, :, start : start + width] = rows.permute(1, 0, 2) > 0
-    return masks
 
 
 def check_case(
@@ -100,7 +78,7 @@ def check_case(
     assert_close_report(lse, ref_lse, atol=1e-4, rtol=1e-5, name="lse")
 
     if decisions:
-        got = kernel_keep_mask(inputs, backend, **kwargs)
+        got = kernel_keep_mask(inputs, backend=backend, **kwargs)
         want = keep_mask_reference(*[t for i, t in enumerate(ref_inputs) if i != 2], **{k: v for k, v in kwargs.items() if k != "num_kv_splits"})
         for b, (g, w) in enumerate(zip(got, want)):
             if not torch.equal(g, w.cpu()):
@@ -188,7 +166,7 @@ def test_kernel_ties_exact(kernel_backend):
     )
     for config, kept_in_group in (("2:4,recent=0", [1, 1, 0, 0]), ("3:8,recent=0", [1, 1, 1, 0, 0, 0, 0, 0])):
         cfg = SparsityConfig.parse(config)
-        masks = kernel_keep_mask(inputs, backend, config=cfg)
+        masks = kernel_keep_mask(inputs, backend=backend, config=cfg)
         for b, mask in enumerate(masks):
             kv_len = mask.shape[-1]
             q_len = mask.shape[1]
