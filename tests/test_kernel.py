@@ -333,3 +333,22 @@ def test_torch_compile_fullgraph_matches_eager(kernel_backend):
 
     compiled = torch.compile(step, fullgraph=True, backend="inductor" if device == "cuda" else "aot_eager")
     assert torch.equal(compiled(*inputs), step(*inputs))
+
+
+@pytest.mark.gpu
+def test_gpu_int64_offsets():
+    """Pages past 2**31 elements of the cache: offsets must be computed in int64."""
+    num_kv_heads, head_dim, block_size = 8, 128, 16
+    elems_per_page = block_size * num_kv_heads * head_dim
+    num_blocks = 2**31 // elems_per_page + 8
+    k_cache = torch.zeros(num_blocks, block_size, num_kv_heads, head_dim, dtype=torch.bfloat16, device="cuda")
+    v_cache = torch.zeros_like(k_cache)
+    small = make_paged_inputs((5, 1), (64, 40), num_q_heads=16, num_kv_heads=num_kv_heads, head_dim=head_dim,
+                              block_size=block_size, dtype=torch.bfloat16, integer=True, int_range=1, device="cuda")
+    last = num_blocks - small.k_cache.shape[0]  # put the small cache's pages at the very end
+    k_cache[last:] = small.k_cache
+    v_cache[last:] = small.v_cache
+    big = small._replace(k_cache=k_cache, v_cache=v_cache, block_table=small.block_table + last)
+    out = unified_attention(*big, backend="triton")
+    ref = unified_attention_reference(*[t.cpu() for t in small])
+    assert_close_report(out, ref, name="int64 offsets", **TOLERANCE[torch.bfloat16])
