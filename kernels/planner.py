@@ -165,7 +165,7 @@ def plan_unified_attention(
         # Decode: split the key range until the grid covers the SMs about twice.
         programs = num_seqs * num_kv_heads
         num_segments = 1
-        while programs * num_segments < 2 * num_sms and num_segments < min(MAX_KV_SPLITS, num_tiles_k):
+        while programs * num_segments < 2 * num_sms and 2 * num_segments <= min(MAX_KV_SPLITS, num_tiles_k):
             num_segments *= 2
     else:
         num_segments = 1

@@ -109,10 +109,10 @@ def check_options(head_dim: int, softmax_scale: Any, window: Any, softcap: Any, 
         cap = 0.0
     else:
         if isinstance(softcap, bool) or not isinstance(softcap, (int, float, np.floating, np.integer)):
-            raise TypeError(f"softcap must be a float > 0 or None, got {type(softcap).__name__}")
+            raise TypeError(f"softcap must be a float >= 0 or None (0 and None mean off), got {type(softcap).__name__}")
         cap = float(softcap)
         if not math.isfinite(cap) or cap < 0:
-            raise ValueError(f"softcap must be a finite float > 0 or None, got {softcap!r}")
+            raise ValueError(f"softcap must be a finite float >= 0 or None (0 and None mean off), got {softcap!r}")
     return AttentionOptions(softmax_scale=scale, window=win, softcap=cap)
 
 
@@ -244,7 +244,9 @@ def check_max_seqlens(max_seqlen_q: Any, max_seqlen_k: Any) -> None:
     for name, value in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
         if value is None:
             continue
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise TypeError(f"{name} must be an int >= 0 or None, got {type(value).__name__}")
+        if value < 0:
             raise ValueError(f"{name} must be an int >= 0 or None, got {value!r}")
     if (max_seqlen_q is None) != (max_seqlen_k is None):
         raise ValueError(
@@ -291,4 +293,22 @@ def check_padded_attention_args(q, k, v) -> tuple[int, int, int, int, int, int]:
         raise ValueError(f"k must have shape {PADDED_KV_SHAPE} with batch = {q_shape[0]} (from q), got shape {list(k_shape)}")
     if k_shape[3] != q_shape[3]:
         raise ValueError(f"k must have shape {PADDED_KV_SHAPE} with head_dim = {q_shape[3]} (from q), got shape {list(k_shape)}")
+    if not 1 <= q_shape[3] <= MAX_HEAD_DIM:
+        raise ValueError(f"q must have shape {PADDED_Q_SHAPE} with 1 <= head_dim <= {MAX_HEAD_DIM}, got shape {list(q_shape)}")
+    if q_shape[2] < 1 or k_shape[2] < 1 or q_shape[2] % k_shape[2]:
+        raise ValueError(
+            f"k must have shape {PADDED_KV_SHAPE} with num_kv_heads dividing num_q_heads = {q_shape[2]} (from q), "
+            f"got shape {list(k_shape)}"
+        )
     return q_shape[0], q_shape[1], k_shape[1], q_shape[2], k_shape[2], q_shape[3]
+
+
+def check_num_kv_splits(num_kv_splits: Any) -> None:
+    """None (the planner decides) or a power of two in [1, 64]."""
+    if num_kv_splits is None:
+        return
+    if isinstance(num_kv_splits, bool) or not isinstance(num_kv_splits, (int, np.integer)):
+        raise TypeError(f"num_kv_splits must be a power of two in [1, 64] or None, got {type(num_kv_splits).__name__}")
+    value = int(num_kv_splits)
+    if value < 1 or value > 64 or value & (value - 1):
+        raise ValueError(f"num_kv_splits must be a power of two in [1, 64] or None, got {num_kv_splits!r}")

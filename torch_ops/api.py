@@ -17,6 +17,7 @@ from sparse24.validation import (
     check_dtype,
     check_lengths,
     check_max_seqlens,
+    check_num_kv_splits,
     check_options,
     check_padded_attention_args,
     check_unified_attention_args,
@@ -27,17 +28,18 @@ from sparse24.validation import (
 from ._launch import unified_attention_op, write_kv_cache_op  # noqa: F401  (registers the ops)
 
 
-def _check_tensors(**tensors: torch.Tensor | None) -> torch.device:
-    device = None
+def _check_tensors(optional: tuple[str, ...] = (), **tensors: torch.Tensor | None) -> torch.device:
+    """All given tensors are torch tensors on one device (that of the first)."""
+    device = first = None
     for name, t in tensors.items():
-        if t is None:
+        if t is None and name in optional:
             continue
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if device is None:
-            device = t.device
+            device, first = t.device, name
         elif t.device != device:
-            raise ValueError(f"{name} must be on the device of q ({device}), got {t.device}")
+            raise ValueError(f"{name} must be on the device of {first} ({device}), got {t.device}")
     return device
 
 
@@ -120,11 +122,12 @@ def unified_attention(
     cfg = resolve_config(config)
     device = _check_tensors(
         q=q, k_cache=k_cache, v_cache=v_cache, block_table=block_table,
-        cu_seqlens_q=cu_seqlens_q, seq_lens=seq_lens, out=out,
+        cu_seqlens_q=cu_seqlens_q, seq_lens=seq_lens, out=out, optional=("out",),
     )
     dims = check_unified_attention_args(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, out=out)
     opts = check_options(dims.head_dim, softmax_scale, window, softcap, causal)
     check_max_seqlens(max_seqlen_q, max_seqlen_k)
+    check_num_kv_splits(num_kv_splits)
     if not isinstance(return_lse, bool):
         raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
     chosen = resolve_backend(backend, on_cuda=device.type == "cuda")
@@ -192,7 +195,7 @@ def attention(
     Returns:
       [batch, seqlen_q, num_q_heads, head_dim] in q's dtype.
     """
-    device = _check_tensors(q=q, k=k, v=v, seq_lens=seq_lens)
+    device = _check_tensors(q=q, k=k, v=v, seq_lens=seq_lens, optional=("seq_lens",))
     batch, seqlen_q, seqlen_k, _, _, _ = check_padded_attention_args(q, k, v)
     if seqlen_k < 1:
         raise ValueError(f"k must have shape [batch, seqlen_k, num_kv_heads, head_dim] with seqlen_k >= 1, got {list(k.shape)}")
