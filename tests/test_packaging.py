@@ -95,7 +95,9 @@ def _installed_sparse24():
     dists = []
     for dist in importlib.metadata.distributions(name="sparse24"):
         where = getattr(dist, "_path", None)
-        if where is not None and REPO in pathlib.Path(where).resolve().parents:
+        # skip a build's egg-info in the checkout (not an install); a virtual environment
+        # inside the checkout (CI's .venv) is an install
+        if where is not None and pathlib.Path(where).suffix == ".egg-info" and REPO in pathlib.Path(where).resolve().parents:
             continue
         dists.append(dist)
     assert dists, "sparse24 is not installed in this environment"
