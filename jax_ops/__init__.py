@@ -1,6 +1,9 @@
-"""sparse24.jax_ops: the same Triton kernels as JAX primitives (jax-triton).
+"""sparse24.jax_ops: the Triton kernels of ``sparse24.kernels`` as JAX ops (jax-triton).
 
-Not built yet: see the JAX issue. Importing this package works on any install.
+Mirrors ``sparse24.torch_ops`` name for name and argument for argument. Inference only.
+Importing works on a CPU-only install: jax-triton is imported on first GPU use.
 """
 
-__all__: list[str] = []
+from .api import attention, unified_attention, write_kv_cache
+
+__all__ = ["attention", "unified_attention", "write_kv_cache"]

@@ -1,0 +1,315 @@
+"""The jax.numpy reference (``sparse24.jax_reference``) against the torch float64 oracle.
+
+Inputs come from ``make_paged_inputs(integer=True, int_range=1)``: small-integer q and k, so
+scores are exact in float32 and exact ties are common; a wrong decision (tie rule, region
+boundary, group alignment) moves the output by ~1e-1, far beyond the tolerances used here.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from sparse24 import SparsityConfig
+from sparse24.jax_reference import unified_attention_jax_reference
+from sparse24.reference import unified_attention_reference
+from sparse24.testing import PagedInputs, assert_close_report, make_paged_inputs
+
+GOLDEN = pathlib.Path(__file__).parent / "data" / "golden"
+ARRAYS = ("q", "k_cache", "v_cache", "block_table", "cu_seqlens_q", "seq_lens")
+
+TOLERANCE = {
+    torch.float32: dict(atol=2e-5, rtol=1e-5),
+    torch.float16: dict(atol=4e-3, rtol=4e-3),
+    torch.bfloat16: dict(atol=2.5e-2, rtol=2e-2),
+}
+JAX_DTYPE = {torch.float32: jnp.float32, torch.float16: jnp.float16, torch.bfloat16: jnp.bfloat16}
+
+
+def to_jax(inputs: PagedInputs):
+    """torch inputs -> jax arrays of the same dtypes (low precision through float32 numpy)."""
+    out = []
+    for t in inputs:
+        if t.dtype.is_floating_point:
+            out.append(jnp.asarray(t.float().numpy()).astype(JAX_DTYPE[t.dtype]))
+        else:
+            out.append(jnp.asarray(t.numpy()))
+    return out
+
+
+def to_torch(x) -> torch.Tensor:
+    """jax array -> torch float64 (a writable copy)."""
+    return torch.from_numpy(np.array(jnp.asarray(x, jnp.float32), dtype=np.float64))
+
+
+# Same grid as tests/test_kernel.py (without the split-KV entries, which the reference lacks):
+# one factor at a time around a mixed batch (chunked prefill + decode + full prefill + a
+# one-token sequence); every length is off the multiples of 4, 16 and 64 somewhere.
+BASE = dict(q_lens=(9, 1, 23, 1), kv_lens=(41, 30, 23, 1))
+GRID = {
+    "mixed": {},
+    "decode": dict(q_lens=(1, 1, 1), kv_lens=(1, 37, 64)),
+    "prefill": dict(q_lens=(50,), kv_lens=(50,)),
+    "chunked-prefill": dict(q_lens=(13, 7), kv_lens=(61, 30)),
+    "gqa1": dict(num_q_heads=2, num_kv_heads=2),
+    "gqa4": dict(num_q_heads=8, num_kv_heads=2),
+    "gqa5": dict(num_q_heads=5, num_kv_heads=1),
+    "gqa8": dict(num_q_heads=8, num_kv_heads=1),
+    "head-dim-80": dict(head_dim=80),
+    "head-dim-128": dict(head_dim=128, q_lens=(9, 1, 70), kv_lens=(100, 127, 70)),
+    "page-1": dict(block_size=1),
+    "page-32": dict(block_size=32),
+    "page-whole-seq": dict(block_size=64),
+    "non-causal": dict(causal=False),
+    "window-7": dict(window=7),
+    "window-20-non-causal": dict(window=20, causal=False),
+    "softcap": dict(softcap=5.0),
+    "sink-recent": dict(config="2:4,sink=3,recent=6"),
+    "recent-64": dict(config="2:4"),
+    "dense-decode": dict(config="2:4,recent=0,sparse_decode=false"),
+    "1:4": dict(config="1:4,recent=0"),
+    "3:4": dict(config="3:4,recent=0"),
+    "2:8": dict(config="2:8,recent=0"),
+    "5:8": dict(config="5:8,sink=2,recent=3"),
+    "1:8-window": dict(config="1:8,recent=0", window=11),
+    "dense": dict(config="dense"),
+}
+BF16_CASES = ["mixed", "gqa5", "head-dim-80", "softcap", "dense-decode", "1:8-window"]
+
+
+def make_case(*, q_lens, kv_lens, num_q_heads=4, num_kv_heads=2, head_dim=64, block_size=16,
+              config="2:4,recent=0", causal=True, window=None, softcap=None,
+              dtype=torch.float32, seed=0):
+    inputs = make_paged_inputs(
+        q_lens, kv_lens, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
+        block_size=block_size, dtype=dtype, integer=True, int_range=1, seed=seed,
+    )
+    kwargs = dict(config=SparsityConfig.parse(config), causal=causal, window=window, softcap=softcap)
+    return inputs, kwargs
+
+
+def check_against_oracle(inputs: PagedInputs, kwargs: dict, dtype=torch.float32, **extra):
+    out, lse = unified_attention_jax_reference(*to_jax(inputs), return_lse=True, **kwargs, **extra)
+    assert out.dtype == JAX_DTYPE[dtype] and out.shape == inputs.q.shape
+    assert lse.dtype == jnp.float32 and lse.shape == inputs.q.shape[:2]
+    assert not np.isnan(np.asarray(out, np.float32)).any() and not np.isnan(np.asarray(lse)).any()
+    ref_out, ref_lse = unified_attention_reference(*inputs, return_lse=True, **kwargs)
+    assert_close_report(to_torch(out), ref_out, name="out", **TOLERANCE[dtype])
+    assert_close_report(to_torch(lse), ref_lse, atol=1e-4, rtol=1e-5, name="lse")
+    return out, lse
+
+
+@pytest.mark.parametrize("case", list(GRID), ids=list(GRID))
+def test_matches_oracle_fp32(case):
+    inputs, kwargs = make_case(**{**BASE, **GRID[case]})
+    check_against_oracle(inputs, kwargs)
+
+
+@pytest.mark.parametrize("case", BF16_CASES, ids=BF16_CASES)
+def test_matches_oracle_bf16(case):
+    inputs, kwargs = make_case(**{**BASE, **GRID[case]}, dtype=torch.bfloat16)
+    check_against_oracle(inputs, kwargs, dtype=torch.bfloat16)
+
+
+def test_matches_oracle_fp16():
+    inputs, kwargs = make_case(**BASE, config="2:4,sink=3,recent=6", dtype=torch.float16)
+    check_against_oracle(inputs, kwargs, dtype=torch.float16)
+
+
+def test_long_context_chunk_sizes_agree():
+    """Several key chunks and pages per sequence, a window that makes whole chunks skippable:
+    chunk_size 8 and 256 (and small query chunks) agree to 1e-6 and with the oracle."""
+    inputs, kwargs = make_case(q_lens=(1, 40, 1), kv_lens=(333, 301, 170),
+                               config="2:4,sink=4,recent=16", window=100)
+    big, big_lse = check_against_oracle(inputs, kwargs, chunk_size=256)
+    small, small_lse = check_against_oracle(inputs, kwargs, chunk_size=8, query_chunk=7)
+    np.testing.assert_allclose(np.asarray(small), np.asarray(big), atol=1e-6, rtol=0)
+    np.testing.assert_allclose(np.asarray(small_lse), np.asarray(big_lse), atol=1e-6, rtol=0)
+
+
+def test_empty_rows_and_padding_tokens():
+    """Rows that keep nothing give zeros and lse -inf (no NaN); tokens past cu_seqlens_q[-1]
+    are zeros; an empty sequence in the middle of the batch changes nothing."""
+    inputs, kwargs = make_case(q_lens=(6, 0, 3), kv_lens=(20, 5, 9), config="2:4,recent=0", window=3)
+    # sequence 0: only 2 keys for 6 queries, so with the causal mask rows 0..3 see no key
+    seq_lens = inputs.seq_lens.clone()
+    seq_lens[0] = 2
+    q = torch.cat([inputs.q, torch.ones(4, *inputs.q.shape[1:])])  # 4 tokens of no sequence
+    inputs = inputs._replace(q=q, seq_lens=seq_lens)
+    out, lse = check_against_oracle(inputs, kwargs)
+    out, lse = np.asarray(out), np.asarray(lse)
+    assert np.isneginf(lse[:4]).all() and (out[:4] == 0).all()
+    assert np.isfinite(lse[4:9]).all()
+    assert np.isneginf(lse[9:]).all() and (out[9:] == 0).all()
+
+
+def test_unused_slots_and_pages_are_never_read():
+    """NaN in every cache slot that holds no key of its sequence (unused pages, among them the
+    first and the last page, and the tail of a last page) and out-of-range unused block-table
+    entries change nothing, bit for bit."""
+    inputs, kwargs = make_case(**BASE, config="2:4,sink=3,recent=6", window=30)
+    arrays = to_jax(inputs)
+    clean = unified_attention_jax_reference(*arrays, **kwargs)
+    block_size = inputs.k_cache.shape[1]
+    # one page in front and one behind: pages 0 and num_blocks - 1 hold no key
+    table = inputs.block_table + 1
+    shape = (inputs.k_cache.shape[0] + 2,) + inputs.k_cache.shape[1:]
+    real = torch.zeros(shape[:2], dtype=torch.bool)
+    for b, kv_len in enumerate(inputs.seq_lens.tolist()):
+        pages = -(-kv_len // block_size)
+        for j in range(kv_len):
+            real[table[b, j // block_size], j % block_size] = True
+        table[b, pages:] = torch.tensor([-1, 10**6]).repeat(table.shape[1])[: table.shape[1] - pages]
+    assert not real[0].any() and not real[-1].any() and not real.all(dim=1).all()
+
+    def poison(cache):
+        padded = torch.cat([cache[:1], cache, cache[:1]])
+        return torch.where(real[..., None, None], padded, torch.tensor(float("nan")))
+
+    poisoned = inputs._replace(k_cache=poison(inputs.k_cache), v_cache=poison(inputs.v_cache),
+                               block_table=table)
+    dirty = unified_attention_jax_reference(*to_jax(poisoned), **kwargs)
+    np.testing.assert_array_equal(np.asarray(dirty), np.asarray(clean))
+
+
+def test_jit_with_traced_metadata_equals_eager():
+    inputs, kwargs = make_case(**BASE, config="2:4,sink=3,recent=6", window=30)
+    arrays = to_jax(inputs)
+    eager_out, eager_lse = unified_attention_jax_reference(*arrays, return_lse=True, **kwargs)
+    traced = []
+
+    @jax.jit
+    def fn(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens):
+        traced.append(isinstance(seq_lens, jax.core.Tracer) and isinstance(block_table, jax.core.Tracer))
+        return unified_attention_jax_reference(q, k_cache, v_cache, block_table, cu_seqlens_q,
+                                               seq_lens, return_lse=True, **kwargs)
+
+    out, lse = fn(*arrays)
+    assert traced == [True]
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(eager_out))
+    np.testing.assert_array_equal(np.asarray(lse), np.asarray(eager_lse))
+    ref_out = unified_attention_reference(*inputs, **kwargs)
+    assert_close_report(to_torch(out), ref_out, name="jit out", **TOLERANCE[torch.float32])
+
+
+def test_jit_decode_loop_traces_once():
+    """20 decode steps with growing seq_lens and fixed shapes: one trace, every step right."""
+    steps = 20
+    final = (29, 51, 24)
+    inputs, kwargs = make_case(q_lens=(1, 1, 1), kv_lens=final, config="2:4,sink=1,recent=5")
+    arrays = to_jax(inputs)
+    traces = [0]
+
+    @jax.jit
+    def step_fn(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens):
+        traces[0] += 1
+        return unified_attention_jax_reference(q, k_cache, v_cache, block_table, cu_seqlens_q,
+                                               seq_lens, **kwargs)
+
+    for i in range(steps):
+        seq_lens = inputs.seq_lens - (steps - 1 - i)
+        out = step_fn(*arrays[:5], jnp.asarray(seq_lens.numpy()))
+        ref = unified_attention_reference(*inputs._replace(seq_lens=seq_lens), **kwargs)
+        assert_close_report(to_torch(out), ref, name=f"decode step {i}", **TOLERANCE[torch.float32])
+    assert traces[0] == 1
+
+
+def test_grad_matches_torch_autograd():
+    """The selection is piecewise constant; gradients flow through the kept scores and values."""
+    inputs = make_paged_inputs((5, 1), (14, 9), num_q_heads=4, num_kv_heads=2, head_dim=16,
+                               block_size=4, seed=3)
+    kwargs = dict(config=SparsityConfig(dense_recent_tokens=2), window=12, softcap=4.0)
+    weight = torch.randn(inputs.q.shape, generator=torch.Generator().manual_seed(1))
+    q64 = inputs.q.double().requires_grad_()
+    v64 = inputs.v_cache.double().requires_grad_()
+    ref = unified_attention_reference(q64, inputs.k_cache.double(), v64, *inputs[3:], **kwargs)
+    (ref * weight.double()).sum().backward()
+
+    arrays = to_jax(inputs)
+
+    def loss(q, v):
+        out = unified_attention_jax_reference(q, arrays[1], v, *arrays[3:], chunk_size=8, **kwargs)
+        return (out * jnp.asarray(weight.numpy())).sum()
+
+    dq, dv = jax.grad(loss, argnums=(0, 1))(arrays[0], arrays[2])
+    assert_close_report(to_torch(dq), q64.grad, atol=1e-4, rtol=1e-4, name="dq")
+    assert_close_report(to_torch(dv), v64.grad, atol=1e-4, rtol=1e-4, name="dv")
+
+
+def test_options_are_validated():
+    inputs, kwargs = make_case(**BASE)
+    arrays = to_jax(inputs)
+    with pytest.raises(TypeError, match="SparsityConfig"):
+        unified_attention_jax_reference(*arrays, config="2:4")
+    with pytest.raises(ValueError, match="chunk_size"):
+        unified_attention_jax_reference(*arrays, config=SparsityConfig(n=2, m=8), chunk_size=12)
+    with pytest.raises(ValueError, match="num_q_heads"):
+        unified_attention_jax_reference(arrays[0][:, :3], *arrays[1:])
+    with pytest.raises(ValueError, match="seq_lens"):
+        unified_attention_jax_reference(*arrays[:5], arrays[5].at[0].set(10_000))
+    with pytest.raises(ValueError, match="cu_seqlens_q"):
+        unified_attention_jax_reference(*arrays[:4], arrays[4].at[1].set(100), arrays[5])
+    # None -> SparsityConfig() (2:4, recent 64)
+    default = unified_attention_jax_reference(*arrays)
+    explicit = unified_attention_jax_reference(*arrays, config=SparsityConfig())
+    other = unified_attention_jax_reference(*arrays, config=SparsityConfig(dense_recent_tokens=0))
+    np.testing.assert_array_equal(np.asarray(default), np.asarray(explicit))
+    assert not np.array_equal(np.asarray(default), np.asarray(other))
+
+
+@pytest.fixture(scope="module")
+def golden():
+    with np.load(GOLDEN / "nm_attention_cases.npz") as data:
+        return {key: data[key] for key in data.files}
+
+
+GOLDEN_CASES = json.loads((GOLDEN / "nm_attention_cases.json").read_text())
+_SETTINGS = ("n", "m", "causal", "window", "softcap", "sink", "recent", "sparse_decode")
+# The golden cases come in pairs with the same settings and head shapes: each pair runs as
+# one batch (pages of the second case renumbered), which halves the compilations and checks
+# that batching cases together changes nothing.
+GOLDEN_PAIRS = [(a, b) for a, b in zip(GOLDEN_CASES[::2], GOLDEN_CASES[1::2])]
+
+
+def merge_cases(golden, ids):
+    """One batch from several golden cases: (arrays, [(first row, last row) per case])."""
+    parts = {name: [golden[f"case{i}_{name}"] for i in ids] for name in ARRAYS}
+    width = max(bt.shape[1] for bt in parts["block_table"])
+    page0 = np.cumsum([0] + [k.shape[0] for k in parts["k_cache"]])
+    row0 = np.cumsum([0] + [q.shape[0] for q in parts["q"]])
+    tables = [np.pad(bt + page0[c], ((0, 0), (0, width - bt.shape[1])))
+              for c, bt in enumerate(parts["block_table"])]
+    cu = np.concatenate([[0]] + [cu[1:] + row0[c] for c, cu in enumerate(parts["cu_seqlens_q"])])
+    merged = dict(
+        q=np.concatenate(parts["q"]), k_cache=np.concatenate(parts["k_cache"]),
+        v_cache=np.concatenate(parts["v_cache"]), block_table=np.concatenate(tables),
+        cu_seqlens_q=cu.astype(np.int32), seq_lens=np.concatenate(parts["seq_lens"]),
+    )
+    return [jnp.asarray(merged[name]) for name in ARRAYS], list(zip(row0[:-1], row0[1:]))
+
+
+@pytest.mark.parametrize("pair", GOLDEN_PAIRS, ids=lambda p: f"case{p[0]['case']}+{p[1]['case']}")
+def test_golden(golden, pair):
+    first, second = pair
+    assert [first[k] for k in _SETTINGS] == [second[k] for k in _SETTINGS]
+    arrays, rows = merge_cases(golden, [first["case"], second["case"]])
+    config = SparsityConfig(n=first["n"], m=first["m"], dense_sink_tokens=first["sink"],
+                            dense_recent_tokens=first["recent"], sparse_decode=first["sparse_decode"])
+    out = unified_attention_jax_reference(*arrays, config=config, causal=first["causal"],
+                                          window=first["window"], softcap=first["softcap"],
+                                          chunk_size=2 * first["m"])
+    assert out.dtype == jnp.float32
+    for case, (r0, r1) in zip(pair, rows):
+        i = case["case"]
+        assert_close_report(to_torch(out[r0:r1]), torch.from_numpy(golden[f"case{i}_out"]), 1e-5, 0.0,
+                            f"golden case {i}")
+
+
+def test_golden_set_is_complete():
+    assert [c["case"] for c in GOLDEN_CASES] == list(range(40))
