@@ -1,0 +1,245 @@
+"""The Hugging Face backend on tiny random-weight models (no download).
+
+Runs the op with backend="reference" (the chunked torch path of the spec) for speed, plus
+a few checks through the Triton kernel (interpreter on CPU, compiled on a GPU).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import sparse24.hf  # noqa: E402  (registers attn_implementation="sparse24")
+from sparse24 import SparsityConfig  # noqa: E402
+from sparse24.reference import keep_mask_reference  # noqa: E402
+from transformers import AttentionInterface  # noqa: E402
+from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask  # noqa: E402
+
+TWO_FOUR = SparsityConfig(dense_recent_tokens=0)  # sparse everywhere: every decision shows
+
+
+def eager_nm_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """A hand-written eager N:M attention: the kept mask from sparse24.reference, then softmax."""
+    config = getattr(module, "sparse24_config", None) or SparsityConfig()
+    batch, heads, q_len, head_dim = query.shape
+    kv_len = key.shape[2]
+    window = kwargs.get("sliding_window")
+    softcap = kwargs.get("softcap")
+    scale = scaling if scaling is not None else head_dim ** -0.5
+    out = torch.zeros(batch, q_len, heads, head_dim, dtype=torch.float64)
+    for b in range(batch):
+        real = attention_mask[b].bool() if attention_mask is not None else torch.ones(kv_len, dtype=torch.bool)
+        keys = key[b].transpose(0, 1)[real].double()  # [n, H_kv, D]
+        vals = value[b].transpose(0, 1)[real].double()
+        n = keys.shape[0]
+        rows = [i for i in range(q_len) if real[kv_len - q_len + i]]
+        if not rows:
+            continue
+        q_rows = query[b].transpose(0, 1)[rows].double()  # [q, H, D]
+        kept = keep_mask_reference(
+            q_rows, keys[None], torch.zeros(1, 1, dtype=torch.int32), torch.tensor([0, len(rows)], dtype=torch.int32),
+            torch.tensor([n], dtype=torch.int32), config=config, softmax_scale=scale, window=window, softcap=softcap,
+        )[0]  # [H, q, n]
+        group = heads // keys.shape[1]
+        k_rep = keys.repeat_interleave(group, dim=1)  # [n, H, D]
+        v_rep = vals.repeat_interleave(group, dim=1)
+        s = torch.einsum("qhd,khd->hqk", q_rows, k_rep) * scale
+        if softcap:
+            s = softcap * torch.tanh(s / softcap)
+        s = s.masked_fill(~kept, float("-inf"))
+        p = torch.softmax(s, dim=-1)
+        out[b, rows] = torch.einsum("hqk,khd->qhd", p, v_rep)
+    return out.to(query.dtype), None
+
+
+AttentionInterface.register("eager_nm", eager_nm_attention)
+AttentionMaskInterface.register("eager_nm", flash_attention_mask)
+
+
+def tiny_model(kind: str = "llama", layers: int = 2):
+    torch.manual_seed(0)
+    common = dict(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    if kind == "llama":
+        config = transformers.LlamaConfig(**common)
+        model = transformers.LlamaForCausalLM(config)
+    elif kind == "qwen2":
+        config = transformers.Qwen2Config(**common, use_sliding_window=False)
+        model = transformers.Qwen2ForCausalLM(config)
+    elif kind == "gemma2":
+        config = transformers.Gemma2Config(**common, head_dim=16, sliding_window=8, attn_logit_softcapping=20.0,
+                                           final_logit_softcapping=None, query_pre_attn_scalar=16)
+        model = transformers.Gemma2ForCausalLM(config)
+    elif kind == "mistral":
+        config = transformers.MistralConfig(**common, sliding_window=8)
+        model = transformers.MistralForCausalLM(config)
+    else:
+        raise ValueError(kind)
+    model.generation_config.eos_token_id = None  # random weights: never stop early
+    return model.eval()
+
+
+def logits_with(model, implementation, ids, config=None, backend="reference", **kwargs):
+    model.set_attn_implementation(implementation)
+    if config is not None:
+        sparse24.hf.sparsify(model, config, backend=backend)
+    with torch.no_grad():
+        return model(ids, **kwargs).logits
+
+
+IDS = torch.randint(0, 97, (2, 23), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "gemma2", "mistral"])
+def test_dense_equals_sdpa_and_eager(kind):
+    model = tiny_model(kind)
+    want = logits_with(model, "eager", IDS)
+    got = logits_with(model, "sparse24", IDS, config=SparsityConfig.dense())
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+    if kind != "gemma2":  # sdpa has no softcap
+        torch.testing.assert_close(got, logits_with(model, "sdpa", IDS), atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gemma2", "mistral"])
+@pytest.mark.parametrize("config", [TWO_FOUR, SparsityConfig(n=1, m=8, dense_sink_tokens=2, dense_recent_tokens=3)],
+                         ids=["2:4", "1:8-sink-recent"])
+def test_nm_equals_hand_written_eager(kind, config):
+    model = tiny_model(kind)
+    sparse24.hf.sparsify(model, config)
+    want = logits_with(model, "eager_nm", IDS)
+    got = logits_with(model, "sparse24", IDS, config=config)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+    dense = logits_with(model, "sparse24", IDS, config=SparsityConfig.dense())
+    assert (got - dense).abs().max() > 1e-3  # the sparsity did something
+
+
+def test_kernel_backend_equals_reference_backend(kernel_backend):
+    backend, device = kernel_backend
+    model = tiny_model("llama").to(device)
+    ids = IDS.to(device)
+    got = logits_with(model, "sparse24", ids, config=TWO_FOUR, backend=backend)
+    want = logits_with(model, "sparse24", ids, config=TWO_FOUR, backend="reference")
+    torch.testing.assert_close(got.cpu(), want.cpu(), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+def test_padded_batch_equals_each_sequence_alone(padding_side):
+    model = tiny_model("llama")
+    lengths = [23, 15, 9]
+    prompts = [torch.randint(0, 97, (n,), generator=torch.Generator().manual_seed(n)) for n in lengths]
+    width = max(lengths)
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros(len(prompts), width, dtype=torch.long)
+    for b, p in enumerate(prompts):
+        sl = slice(width - len(p), width) if padding_side == "left" else slice(0, len(p))
+        ids[b, sl] = p
+        mask[b, sl] = 1
+    position_ids = (mask.cumsum(1) - 1).clamp(min=0)
+    batched = logits_with(model, "sparse24", ids, config=TWO_FOUR, attention_mask=mask, position_ids=position_ids)
+    for b, p in enumerate(prompts):
+        alone = logits_with(model, "sparse24", p[None], config=TWO_FOUR)[0]
+        sl = slice(width - len(p), width) if padding_side == "left" else slice(0, len(p))
+        torch.testing.assert_close(batched[b, sl], alone, atol=2e-5, rtol=2e-5)
+
+
+def test_left_padded_generation_equals_per_prompt_generation():
+    model = tiny_model("llama")
+    model.set_attn_implementation("sparse24")
+    sparse24.hf.sparsify(model, TWO_FOUR)
+    prompts = [torch.randint(0, 97, (n,), generator=torch.Generator().manual_seed(10 + n)) for n in (12, 7)]
+    ids = torch.zeros(2, 12, dtype=torch.long)
+    mask = torch.zeros(2, 12, dtype=torch.long)
+    for b, p in enumerate(prompts):
+        ids[b, 12 - len(p):] = p
+        mask[b, 12 - len(p):] = 1
+    with torch.no_grad():
+        batched = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+        for b, p in enumerate(prompts):
+            alone = model.generate(p[None], attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                                   max_new_tokens=8, do_sample=False, pad_token_id=0)
+            assert torch.equal(batched[b, 12:], alone[0, len(p):])
+
+
+def test_chunked_prefill_equals_one_shot():
+    model = tiny_model("llama")
+    model.set_attn_implementation("sparse24")
+    sparse24.hf.sparsify(model, TWO_FOUR)
+    ids = IDS[:1]
+    with torch.no_grad():
+        full = model(ids).logits
+        cache = transformers.DynamicCache(config=model.config)
+        first = model(ids[:, :10], past_key_values=cache, use_cache=True).logits
+        second = model(ids[:, 10:], past_key_values=cache, use_cache=True).logits
+    torch.testing.assert_close(torch.cat([first, second], 1), full, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("kind", ["llama", "mistral"])
+def test_greedy_decode_keeps_what_prefill_keeps(kind):
+    """Token-by-token decode (with the cache) and one prefill over the same tokens give the
+    same logits: the same keys are kept (also on a sliding-window layer whose cache drops
+    old keys)."""
+    model = tiny_model(kind)
+    model.set_attn_implementation("sparse24")
+    sparse24.hf.sparsify(model, TWO_FOUR)
+    with torch.no_grad():
+        generated = model.generate(IDS[:1, :6], max_new_tokens=14, do_sample=False, pad_token_id=0)
+        step_logits = model.generate(IDS[:1, :6], max_new_tokens=14, do_sample=False, pad_token_id=0,
+                                     output_logits=True, return_dict_in_generate=True).logits
+        full = model(generated).logits
+    for t, logits in enumerate(step_logits):
+        torch.testing.assert_close(logits[0], full[0, 5 + t], atol=2e-5, rtol=2e-5)
+
+
+def test_per_layer_sparsify_and_dense():
+    model = tiny_model("llama", layers=3)
+    model.set_attn_implementation("sparse24")
+    sparse24.hf.sparsify(model, {1: TWO_FOUR})
+    assert sparse24.hf.layer_configs(model) == {0: SparsityConfig.dense(), 1: TWO_FOUR, 2: SparsityConfig.dense()}
+    with torch.no_grad():
+        one_layer = model(IDS).logits
+        sparse24.hf.dense(model)
+        dense = model(IDS).logits
+        sparse24.hf.sparsify(model, TWO_FOUR)
+        all_layers = model(IDS).logits
+    assert 0 < (one_layer - dense).abs().max() < (all_layers - dense).abs().max()
+    with pytest.raises(ValueError, match=r"^config names layers \[7\]"):
+        sparse24.hf.sparsify(model, {7: TWO_FOUR})
+    with pytest.raises(TypeError, match=r"^config must be a SparsityConfig or a dict"):
+        sparse24.hf.sparsify(model, "2:4")
+
+
+def test_refuses_what_it_cannot_do():
+    model = tiny_model("llama")
+    model.set_attn_implementation("sparse24")
+    sparse24.hf.sparsify(model, TWO_FOUR)
+    mask = torch.ones(2, 23, dtype=torch.long)
+    mask[0, 5] = 0  # a hole in the middle of a row
+    with torch.no_grad(), pytest.raises(ValueError, match="contiguous"):
+        model(IDS, attention_mask=mask)
+    attn = model.model.layers[0].self_attn
+    q = torch.zeros(1, 4, 3, 16)
+    kv = torch.zeros(1, 2, 3, 16)
+    with pytest.raises(ValueError, match="4D mask"):
+        sparse24.hf.attention_forward(attn, q, kv, kv, torch.zeros(1, 1, 3, 3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="output_attentions"):
+        sparse24.hf.attention_forward(attn, q, kv, kv, None, output_attentions=True)
+
+
+def test_transformers_does_not_see_a_kernels_package():
+    """The repo's kernels/ folder installs as sparse24.kernels, never as a top-level `kernels`
+    that transformers' hub-kernels probe could mistake for the HF `kernels` package."""
+    from transformers.utils import import_utils
+
+    probe = getattr(import_utils, "is_kernels_available", None)
+    if probe is None:
+        pytest.skip("this transformers has no is_kernels_available probe")
+    import importlib.metadata
+
+    try:
+        importlib.metadata.distribution("kernels")
+        pytest.skip("the HF `kernels` distribution is installed here")
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    assert not probe()
