@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sparse24.backends import BACKENDS, kernels_interpreted
+from sparse24.backends import resolve_backend as _resolve_backend
 from sparse24.config import SparsityConfig
 from sparse24.validation import (
     SEQ_LENS_SHAPE,
@@ -49,27 +49,7 @@ def _on_gpu() -> bool:
 
 def resolve_backend(backend: str) -> str:
     """JAX backends: "auto" = the jax-triton kernel on a GPU, else the jnp reference."""
-    if not isinstance(backend, str) or backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
-    if backend == "auto":
-        return "triton" if _on_gpu() else "reference"
-    if backend == "interpret" and not kernels_interpreted():
-        raise ValueError(
-            "backend='interpret' runs the Triton kernel in Triton's CPU interpreter, which this process "
-            "did not enable: set TRITON_INTERPRET=1 in the environment before triton is imported "
-            "(e.g. `TRITON_INTERPRET=1 python script.py`), or use backend='reference' / 'triton'"
-        )
-    if backend == "triton":
-        if kernels_interpreted():
-            raise ValueError(
-                "backend='triton' needs compiled kernels, but this process imported triton with "
-                "TRITON_INTERPRET=1 (the whole process interprets); use backend='interpret' here, or run "
-                "without TRITON_INTERPRET for the GPU"
-            )
-        if not _on_gpu():
-            raise ValueError("backend='triton' needs a JAX GPU backend; got " + jax.default_backend()
-                             + " (use backend='reference' or 'interpret')")
-    return backend
+    return _resolve_backend(backend, on_cuda=_on_gpu(), auto_interprets=False)
 
 
 def _run_unified(backend, statics, q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens):

@@ -44,21 +44,23 @@ def kernels_interpreted() -> bool:
     return _KERNELS_INTERPRETED
 
 
-def resolve_backend(backend: str, *, on_cuda: bool) -> str:
+def resolve_backend(backend: str, *, on_cuda: bool, auto_interprets: bool = True) -> str:
     """Map a requested backend to "triton", "interpret" or "reference", or raise.
 
     Args:
       backend: "auto" | "triton" | "interpret" | "reference".
-      on_cuda: the inputs live on a CUDA device.
+      on_cuda: the inputs live on a CUDA device (JAX: the default backend is a GPU).
+      auto_interprets: whether "auto" picks the interpreter in an interpreting process
+        (torch: yes; JAX: no, "auto" is the GPU kernel or the jax.numpy reference).
     """
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
     if backend == "reference":
         return backend
     if backend == "auto":
-        if triton_available() and kernels_interpreted():
+        if auto_interprets and triton_available() and kernels_interpreted():
             return "interpret"
-        if on_cuda and triton_available():
+        if on_cuda and triton_available() and not kernels_interpreted():
             return "triton"
         return "reference"
     if not triton_available():

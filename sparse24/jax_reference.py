@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sparse24.config import SparsityConfig
+from sparse24.validation import resolve_config
 
 __all__ = ["unified_attention_jax_reference"]
 
@@ -47,17 +48,6 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 
 # --------------------------------------------------------------------------------------------
 # validation (static always; values only when the metadata is concrete)
-
-
-def _resolve_config(config) -> SparsityConfig:
-    if config is None:
-        return SparsityConfig()
-    if not isinstance(config, SparsityConfig):
-        raise TypeError(
-            "config must be a sparse24.SparsityConfig or None, got "
-            f"{type(config).__name__} (use SparsityConfig.parse('2:4') for strings)"
-        )
-    return config
 
 
 def _positive_int(name: str, value, multiple_of: int = 1) -> int:
@@ -366,7 +356,7 @@ def unified_attention_jax_reference(
         sequence are zeros, never NaN), and with ``return_lse`` also ``lse`` ``[T, H_q]``
         float32 (natural log, -inf where nothing is kept).
     """
-    config = _resolve_config(config)
+    config = resolve_config(config)
     chunk_size = _positive_int("chunk_size", chunk_size, config.m)
     query_chunk = _positive_int("query_chunk", query_chunk)
     if not isinstance(return_lse, (bool, np.bool_)):

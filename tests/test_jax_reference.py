@@ -19,7 +19,7 @@ import torch
 from sparse24 import SparsityConfig
 from sparse24.jax_reference import unified_attention_jax_reference
 from sparse24.reference import unified_attention_reference
-from sparse24.testing import PagedInputs, assert_close_report, make_paged_inputs
+from sparse24.testing import EDGE_CASE_BASE, EDGE_CASES, PagedInputs, assert_close_report, make_paged_inputs
 
 GOLDEN = pathlib.Path(__file__).parent / "data" / "golden"
 ARRAYS = ("q", "k_cache", "v_cache", "block_table", "cu_seqlens_q", "seq_lens")
@@ -48,38 +48,9 @@ def to_torch(x) -> torch.Tensor:
     return torch.from_numpy(np.array(jnp.asarray(x, jnp.float32), dtype=np.float64))
 
 
-# Same grid as tests/test_kernel.py (without the split-KV entries, which the reference lacks):
-# one factor at a time around a mixed batch (chunked prefill + decode + full prefill + a
-# one-token sequence); every length is off the multiples of 4, 16 and 64 somewhere.
-BASE = dict(q_lens=(9, 1, 23, 1), kv_lens=(41, 30, 23, 1))
-GRID = {
-    "mixed": {},
-    "decode": dict(q_lens=(1, 1, 1), kv_lens=(1, 37, 64)),
-    "prefill": dict(q_lens=(50,), kv_lens=(50,)),
-    "chunked-prefill": dict(q_lens=(13, 7), kv_lens=(61, 30)),
-    "gqa1": dict(num_q_heads=2, num_kv_heads=2),
-    "gqa4": dict(num_q_heads=8, num_kv_heads=2),
-    "gqa5": dict(num_q_heads=5, num_kv_heads=1),
-    "gqa8": dict(num_q_heads=8, num_kv_heads=1),
-    "head-dim-80": dict(head_dim=80),
-    "head-dim-128": dict(head_dim=128, q_lens=(9, 1, 70), kv_lens=(100, 127, 70)),
-    "page-1": dict(block_size=1),
-    "page-32": dict(block_size=32),
-    "page-whole-seq": dict(block_size=64),
-    "non-causal": dict(causal=False),
-    "window-7": dict(window=7),
-    "window-20-non-causal": dict(window=20, causal=False),
-    "softcap": dict(softcap=5.0),
-    "sink-recent": dict(config="2:4,sink=3,recent=6"),
-    "recent-64": dict(config="2:4"),
-    "dense-decode": dict(config="2:4,recent=0,sparse_decode=false"),
-    "1:4": dict(config="1:4,recent=0"),
-    "3:4": dict(config="3:4,recent=0"),
-    "2:8": dict(config="2:8,recent=0"),
-    "5:8": dict(config="5:8,sink=2,recent=3"),
-    "1:8-window": dict(config="1:8,recent=0", window=11),
-    "dense": dict(config="dense"),
-}
+# The shared edge-case grid without the split-KV entries (the reference has no split).
+BASE = EDGE_CASE_BASE
+GRID = {name: case for name, case in EDGE_CASES.items() if "num_kv_splits" not in case}
 BF16_CASES = ["mixed", "gqa5", "head-dim-80", "softcap", "dense-decode", "1:8-window"]
 
 
