@@ -98,7 +98,7 @@ def attention_calls(
     else:
         segm_acc = segm_max = segm_sum = jax.ShapeDtypeStruct((1,), jnp.float32)
     constexprs = plan.kernel_constexprs(
-        causal=causal, use_window=window > 0, use_softcap=softcap > 0,
+        page_size=int(cache_shape[1]), causal=causal, use_window=window > 0, use_softcap=softcap > 0,
         use_sink=config.dense_sink_tokens > 0, use_recent=config.dense_recent_tokens > 0,
         sparse_decode=config.sparse_decode, store_lse=True,
     )
@@ -118,7 +118,7 @@ def attention_calls(
             # (the kernel casts them to fp32), not np.float32, which Triton cannot convert.
             softmax_scale=float(softmax_scale), softcap=float(softcap), window=int(window),
             dense_sink_tokens=config.dense_sink_tokens, dense_recent_tokens=config.dense_recent_tokens,
-            num_seqs=num_seqs, block_size=int(cache_shape[1]),
+            num_seqs=num_seqs,
             stride_q_token=q_strides[0], stride_q_head=q_strides[1], stride_q_dim=q_strides[2],
             stride_kc_block=cache_strides[0], stride_kc_slot=cache_strides[1],
             stride_kc_head=cache_strides[2], stride_kc_dim=cache_strides[3],

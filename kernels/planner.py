@@ -9,6 +9,7 @@ selection is per group), which the tests check by forcing different plans.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 SUPPORTED_DTYPES = ("float32", "float16", "bfloat16")
@@ -51,6 +52,7 @@ class AttentionPlan:
     def kernel_constexprs(
         self,
         *,
+        page_size: int,
         causal: bool,
         use_window: bool,
         use_softcap: bool,
@@ -59,12 +61,20 @@ class AttentionPlan:
         sparse_decode: bool,
         store_lse: bool,
     ) -> dict:
-        """Keyword constexprs of ``unified_attention_kernel`` (plus num_warps/num_stages)."""
+        """Keyword constexprs of ``unified_attention_kernel`` (plus num_warps/num_stages).
+
+        ``page_size`` is the caches' block_size (slots per page), a compile-time constant of
+        the kernel: mapping a key to its page is then a shift (or a cheap division), not a
+        run-time integer division per key.
+        """
         sparse = self.num_subtiles > 1
+        if int(page_size) < 1:
+            raise ValueError(f"page_size must be >= 1, got {page_size!r}")
         return dict(
             NUM_QUERIES_PER_KV=self.num_queries_per_kv,
             HEAD_DIM=self.head_dim,
             HEAD_DIM_PAD=self.head_dim_pad,
+            PAGE_SIZE=int(page_size),
             BLOCK_M=self.block_m,
             BLOCK_Q=self.block_q,
             TILE_N=self.tile_n,
@@ -93,6 +103,30 @@ class AttentionPlan:
             STORE_LSE=bool(store_lse),
             num_warps=4,
         )
+
+
+_TUNING: dict = {}
+TUNABLE = ("block_m", "tile_n", "num_warps", "num_stages")
+
+
+@contextlib.contextmanager
+def tuning(**overrides):
+    """Override launch parameters of every plan made inside the block (benchmarks, tuning).
+
+    Keys: ``block_m``, ``tile_n``, ``num_warps``, ``num_stages``; a process-wide setting
+    (not thread-safe), read when a plan is made, so it reaches the torch and JAX launchers
+    alike. Results do not depend on these (tiles stay multiples of M); speed does.
+    """
+    unknown = set(overrides) - set(TUNABLE)
+    if unknown:
+        raise ValueError(f"tuning() takes {TUNABLE}, got {sorted(unknown)}")
+    saved = dict(_TUNING)
+    _TUNING.update({k: int(v) for k, v in overrides.items() if v is not None})
+    try:
+        yield
+    finally:
+        _TUNING.clear()
+        _TUNING.update(saved)
 
 
 def plan_unified_attention(
@@ -132,26 +166,47 @@ def plan_unified_attention(
     is_fp32 = dtype == "float32"
 
     # Rows per program: the GQA group fills the M side, so decode (1 token) still feeds
-    # a 16-row MMA; prefill takes larger tiles.
+    # a 16-row MMA; prefill takes larger tiles. Measured on an H200 (benchmarks/NOTES.md):
+    # 256 rows x 64 keys is best for dense and 2:4 at D=128 and for 2:4 at D=64; dense at
+    # D=64 prefers 128 rows x 128 keys.
     if head_dim_pad > 128 or is_fp32:
         block_m = 64
+    elif head_dim_pad == 128 or sparse:
+        block_m = 256
     else:
         block_m = 128
     block_m = min(block_m, max(16, next_power_of_2(max(max_seqlen_q, 1) * qpk)))
     block_m = max(block_m, next_power_of_2(qpk), 16)
     block_q = block_m // qpk
 
-    # Keys per iteration: every sub-tile needs >= 16 columns (MMA minimum), and tiles
-    # are multiples of M so groups never straddle a tile.
-    if not sparse:
+    # Keys per iteration (a multiple of M so groups never straddle a tile): 64 with 256-row
+    # tiles, 128 with 128-row tiles (both measured on an H200), else 64 (16 per member for M=8).
+    if block_m >= 256:
         tile_n = 64
-    elif m == 4 and block_m >= 128:
+    elif block_m >= 128:
         tile_n = 128
-    else:
+    elif sparse:
         tile_n = 16 * m
+    else:
+        tile_n = 64
 
-    num_warps = 8 if block_m * head_dim_pad >= 128 * 128 else 4
+    if block_m * head_dim_pad >= 256 * 128:
+        num_warps = 16
+    elif block_m * head_dim_pad >= 128 * 128:
+        num_warps = 8
+    else:
+        num_warps = 4
     num_stages = 2
+    if _TUNING:
+        block_m = _TUNING.get("block_m", block_m)
+        tile_n = _TUNING.get("tile_n", tile_n)
+        num_warps = _TUNING.get("num_warps", num_warps)
+        num_stages = _TUNING.get("num_stages", num_stages)
+        if block_m < max(16, qpk) or block_m & (block_m - 1):
+            raise ValueError(f"tuning block_m must be a power of two >= max(16, H_q/H_kv), got {block_m}")
+        if tile_n < (32 if num_subtiles == 8 else 16) or tile_n & (tile_n - 1):
+            raise ValueError(f"tuning tile_n must be a power of two >= 16 (>= 32 for M=8), got {tile_n}")
+        block_q = block_m // qpk
 
     num_q_blocks = num_tokens // block_q + num_seqs
     num_tiles_k = max(1, cdiv(max(max_seqlen_k, 1), tile_n))

@@ -1,24 +1,39 @@
-"""N:M selection primitives: keep the N largest scores of every group of M keys.
+"""N:M selection on a whole score tile: keep the N largest scores of every group of M keys.
 
-The unified kernel loads each key tile as M strided *sub-tiles*: sub-tile ``r`` holds
-the keys ``tile_start + M*g + r`` for ``g = 0 .. TILE_N/M - 1``. The M score tiles
-``s_0 .. s_{M-1}`` (each ``[BLOCK_M, TILE_N // M]``) then share one register layout
-and the members of a group sit at the same position of every sub-tile, so the
-selection below is purely elementwise (no reshapes, no cross-thread shuffles).
+The unified kernel computes one score tile ``[BLOCK_M, TILE_N]`` per loop iteration with
+one MMA. Its key tile is loaded in a *member-interleaved column order*
+(:func:`tile_key_offsets`) chosen so that the M members of every group land on
+columns that one thread holds in registers in the MMA accumulator layouts of Ampere and
+Hopper (column bit 0 and column bits 3, 4, ...; bits 1-2 are spread over the lanes of a
+quad). The reshape / permute / split below then only relabel registers: Triton's
+linear layouts turn them into no-ops (no shared memory, no shuffles; checked on the
+sm_90 TTGIR), and the selection is elementwise across the M member tensors.
 
-Rank of member ``r`` in its group (the spec's order: larger score first, equal
-scores -> the lower key index wins)::
+Column ``c`` of a tile holds key ``tile_start + offset(c)``:
+
+* M = 4: ``c = 16a + 8b + 2l + e``  ->  key ``16a + 4l + 2b + e``
+  (group ``4a + l``, member ``2b + e``);
+* M = 8: ``c = 32a + 16f + 8b + 2l + e``  ->  key ``32a + 8l + 4f + 2b + e``
+  (group ``4a + l``, member ``4f + 2b + e``);
+* dense (M = 1): ``c`` -> key ``c``.
+
+A group is always 4 (8) consecutive absolute keys inside one tile, as the spec asks.
+
+Rank of member ``r`` in its group (the spec's order: larger score first, equal scores ->
+the lower key index wins)::
 
     rank_r = #{r' < r : s_r' >= s_r} + #{r' > r : s_r' > s_r}
 
-and the member is selected when ``rank_r < N``. This gives exactly N winners per
-group, also when all M scores are equal or all are -inf. Truth table for M=4, N=2::
+and the member is selected when ``rank_r < N``. This gives exactly N winners per group,
+also when all M scores are equal or all are -inf. Truth table for M=4, N=2::
 
     scores (keys 4g..4g+3)   selected
     [1, 3, 2, 0]             [0, 1, 1, 0]
     [5, 5, 5, 5]             [1, 1, 0, 0]   (ties: lower index wins)
     [-inf, 2, -inf, -inf]    [1, 1, 0, 0]   (key 4g+1 and the first -inf;
                                              the -inf one is invisible, so not kept)
+
+Each pair of members is compared once (6 comparisons per group of 4, 28 per group of 8).
 
 Imports triton only.
 """
@@ -28,73 +43,159 @@ import triton.language as tl
 
 
 @triton.jit
-def _ge(a, b):
-    """1 where a >= b (as int32), elementwise."""
-    return (a >= b).to(tl.int32)
+def tile_key_offsets(TILE_N: tl.constexpr, M: tl.constexpr):
+    """Key offset (within the tile) held by each column, [TILE_N] int32 (see module doc)."""
+    c = tl.arange(0, TILE_N)
+    if M == 4:
+        offs = (c // 16) * 16 + ((c // 2) % 4) * 4 + ((c // 8) % 2) * 2 + c % 2
+    elif M == 8:
+        offs = (c // 32) * 32 + ((c // 2) % 4) * 8 + ((c // 16) % 2) * 4 + ((c // 8) % 2) * 2 + c % 2
+    else:
+        tl.static_assert(M == 1, "M must be 1 (dense), 4 or 8")
+        offs = c
+    return offs
 
 
 @triton.jit
-def _gt(a, b):
-    """1 where a > b (as int32), elementwise."""
-    return (a > b).to(tl.int32)
+def split4(x, BLOCK_M: tl.constexpr, TILE_N: tl.constexpr):
+    """[BLOCK_M, TILE_N] in M=4 column order -> members 0..3, each [BLOCK_M, TILE_N // 4]."""
+    x = tl.reshape(x, [BLOCK_M, TILE_N // 16, 2, 4, 2])  # (row, a, b, l, e)
+    x = tl.permute(x, [0, 1, 3, 2, 4])  # (row, a, l, b, e)
+    x = tl.reshape(x, [BLOCK_M, TILE_N // 4, 2, 2])  # (row, group, b, e)
+    e0, e1 = tl.split(x)  # (row, group, b)
+    x0, x2 = tl.split(e0)
+    x1, x3 = tl.split(e1)
+    return x0, x1, x2, x3
+
+
+@triton.jit
+def join4(x0, x1, x2, x3, BLOCK_M: tl.constexpr, TILE_N: tl.constexpr):
+    """Inverse of :func:`split4`."""
+    x = tl.join(tl.join(x0, x2), tl.join(x1, x3))  # (row, group, b, e)
+    x = tl.reshape(x, [BLOCK_M, TILE_N // 16, 4, 2, 2])  # (row, a, l, b, e)
+    x = tl.permute(x, [0, 1, 3, 2, 4])  # (row, a, b, l, e)
+    return tl.reshape(x, [BLOCK_M, TILE_N])
+
+
+@triton.jit
+def _split8(x, BLOCK_M: tl.constexpr, TILE_N: tl.constexpr):
+    """[BLOCK_M, TILE_N] in M=8 column order -> members 0..7, each [BLOCK_M, TILE_N // 8]."""
+    x = tl.reshape(x, [BLOCK_M, TILE_N // 32, 2, 2, 4, 2])  # (row, a, f, b, l, e)
+    x = tl.permute(x, [0, 1, 4, 2, 3, 5])  # (row, a, l, f, b, e)
+    x = tl.reshape(x, [BLOCK_M, TILE_N // 8, 2, 2, 2])  # (row, group, f, b, e)
+    e0, e1 = tl.split(x)  # (row, group, f, b)
+    e0b0, e0b1 = tl.split(e0)  # (row, group, f)
+    e1b0, e1b1 = tl.split(e1)
+    x0, x4 = tl.split(e0b0)
+    x2, x6 = tl.split(e0b1)
+    x1, x5 = tl.split(e1b0)
+    x3, x7 = tl.split(e1b1)
+    return x0, x1, x2, x3, x4, x5, x6, x7
+
+
+@triton.jit
+def _join8(x0, x1, x2, x3, x4, x5, x6, x7, BLOCK_M: tl.constexpr, TILE_N: tl.constexpr):
+    """Inverse of :func:`_split8`."""
+    e0 = tl.join(tl.join(x0, x4), tl.join(x2, x6))  # e = 0: (row, group, f, b)
+    e1 = tl.join(tl.join(x1, x5), tl.join(x3, x7))
+    x = tl.join(e0, e1)  # (row, group, f, b, e)
+    x = tl.reshape(x, [BLOCK_M, TILE_N // 32, 4, 2, 2, 2])  # (row, a, l, f, b, e)
+    x = tl.permute(x, [0, 1, 3, 4, 2, 5])  # (row, a, f, b, l, e)
+    return tl.reshape(x, [BLOCK_M, TILE_N])
+
+
+@triton.jit
+def _maj(x, y, z):
+    """True where at least two of the three are true."""
+    return (x & y) | (z & (x | y))
+
+
+@triton.jit
+def _i(x):
+    return x.to(tl.int32)
 
 
 @triton.jit
 def select_of_4(s0, s1, s2, s3, N_KEEP: tl.constexpr):
-    """Selected flags of a group of 4 (keys 4g+0 .. 4g+3), each [BLOCK_M, G] bool."""
-    rank0 = _gt(s1, s0) + _gt(s2, s0) + _gt(s3, s0)
-    rank1 = _ge(s0, s1) + _gt(s2, s1) + _gt(s3, s1)
-    rank2 = _ge(s0, s2) + _ge(s1, s2) + _gt(s3, s2)
-    rank3 = _ge(s0, s3) + _ge(s1, s3) + _ge(s2, s3)
-    return rank0 < N_KEEP, rank1 < N_KEEP, rank2 < N_KEEP, rank3 < N_KEEP
-
-
-@triton.jit
-def _rank_in_8(s, a0, a1, a2, a3, a4, a5, a6, a7, R: tl.constexpr):
-    """Rank of member R (score ``s``) among the 8 members ``a0..a7`` (a_R is s itself)."""
-    rank = tl.zeros(s.shape, tl.int32)
-    if R != 0:
-        rank += _ge(a0, s)
-    if R > 1:
-        rank += _ge(a1, s)
-    if R < 1:
-        rank += _gt(a1, s)
-    if R > 2:
-        rank += _ge(a2, s)
-    if R < 2:
-        rank += _gt(a2, s)
-    if R > 3:
-        rank += _ge(a3, s)
-    if R < 3:
-        rank += _gt(a3, s)
-    if R > 4:
-        rank += _ge(a4, s)
-    if R < 4:
-        rank += _gt(a4, s)
-    if R > 5:
-        rank += _ge(a5, s)
-    if R < 5:
-        rank += _gt(a5, s)
-    if R > 6:
-        rank += _ge(a6, s)
-    if R < 6:
-        rank += _gt(a6, s)
-    if R > 7:
-        rank += _ge(a7, s)
-    if R < 7:
-        rank += _gt(a7, s)
-    return rank
+    """Selected flags of the members of groups of 4 (keys 4g+0 .. 4g+3), elementwise."""
+    c01 = s0 >= s1  # member 0 outranks member 1 (ties: lower index)
+    c02 = s0 >= s2
+    c03 = s0 >= s3
+    c12 = s1 >= s2
+    c13 = s1 >= s3
+    c23 = s2 >= s3
+    if N_KEEP == 2:
+        # rank < 2 <=> outranks at least two of the other three
+        k0 = _maj(c01, c02, c03)
+        k1 = _maj(~c01, c12, c13)
+        k2 = _maj(~c02, ~c12, c23)
+        k3 = _maj(~c03, ~c13, ~c23)
+    else:
+        # wins_r = members r outranks; rank = 3 - wins
+        k0 = 3 - (_i(c01) + _i(c02) + _i(c03)) < N_KEEP
+        k1 = 3 - (_i(~c01) + _i(c12) + _i(c13)) < N_KEEP
+        k2 = 3 - (_i(~c02) + _i(~c12) + _i(c23)) < N_KEEP
+        k3 = 3 - (_i(~c03) + _i(~c13) + _i(~c23)) < N_KEEP
+    return k0, k1, k2, k3
 
 
 @triton.jit
 def select_of_8(s0, s1, s2, s3, s4, s5, s6, s7, N_KEEP: tl.constexpr):
-    """Selected flags of a group of 8 (keys 8g+0 .. 8g+7), each [BLOCK_M, G] bool."""
-    k0 = _rank_in_8(s0, s0, s1, s2, s3, s4, s5, s6, s7, 0) < N_KEEP
-    k1 = _rank_in_8(s1, s0, s1, s2, s3, s4, s5, s6, s7, 1) < N_KEEP
-    k2 = _rank_in_8(s2, s0, s1, s2, s3, s4, s5, s6, s7, 2) < N_KEEP
-    k3 = _rank_in_8(s3, s0, s1, s2, s3, s4, s5, s6, s7, 3) < N_KEEP
-    k4 = _rank_in_8(s4, s0, s1, s2, s3, s4, s5, s6, s7, 4) < N_KEEP
-    k5 = _rank_in_8(s5, s0, s1, s2, s3, s4, s5, s6, s7, 5) < N_KEEP
-    k6 = _rank_in_8(s6, s0, s1, s2, s3, s4, s5, s6, s7, 6) < N_KEEP
-    k7 = _rank_in_8(s7, s0, s1, s2, s3, s4, s5, s6, s7, 7) < N_KEEP
-    return k0, k1, k2, k3, k4, k5, k6, k7
+    """Selected flags of the members of groups of 8 (keys 8g+0 .. 8g+7), elementwise."""
+    c01 = _i(s0 >= s1)
+    c02 = _i(s0 >= s2)
+    c03 = _i(s0 >= s3)
+    c04 = _i(s0 >= s4)
+    c05 = _i(s0 >= s5)
+    c06 = _i(s0 >= s6)
+    c07 = _i(s0 >= s7)
+    c12 = _i(s1 >= s2)
+    c13 = _i(s1 >= s3)
+    c14 = _i(s1 >= s4)
+    c15 = _i(s1 >= s5)
+    c16 = _i(s1 >= s6)
+    c17 = _i(s1 >= s7)
+    c23 = _i(s2 >= s3)
+    c24 = _i(s2 >= s4)
+    c25 = _i(s2 >= s5)
+    c26 = _i(s2 >= s6)
+    c27 = _i(s2 >= s7)
+    c34 = _i(s3 >= s4)
+    c35 = _i(s3 >= s5)
+    c36 = _i(s3 >= s6)
+    c37 = _i(s3 >= s7)
+    c45 = _i(s4 >= s5)
+    c46 = _i(s4 >= s6)
+    c47 = _i(s4 >= s7)
+    c56 = _i(s5 >= s6)
+    c57 = _i(s5 >= s7)
+    c67 = _i(s6 >= s7)
+    # rank_r = members outranking r = (outranked by lower ones) + (losses to higher ones)
+    r0 = 7 - (c01 + c02 + c03 + c04 + c05 + c06 + c07)
+    r1 = c01 + 6 - (c12 + c13 + c14 + c15 + c16 + c17)
+    r2 = c02 + c12 + 5 - (c23 + c24 + c25 + c26 + c27)
+    r3 = c03 + c13 + c23 + 4 - (c34 + c35 + c36 + c37)
+    r4 = c04 + c14 + c24 + c34 + 3 - (c45 + c46 + c47)
+    r5 = c05 + c15 + c25 + c35 + c45 + 2 - (c56 + c57)
+    r6 = c06 + c16 + c26 + c36 + c46 + c56 + 1 - c67
+    r7 = c07 + c17 + c27 + c37 + c47 + c57 + c67
+    return (r0 < N_KEEP, r1 < N_KEEP, r2 < N_KEEP, r3 < N_KEEP,
+            r4 < N_KEEP, r5 < N_KEEP, r6 < N_KEEP, r7 < N_KEEP)
+
+
+@triton.jit
+def select_tile(score, N_KEEP: tl.constexpr, M: tl.constexpr, BLOCK_M: tl.constexpr, TILE_N: tl.constexpr):
+    """Selected flags of a score tile in :func:`tile_key_offsets` column order.
+
+    score: [BLOCK_M, TILE_N] fp32 (invisible entries already -inf). Returns [BLOCK_M, TILE_N] bool.
+    """
+    if M == 4:
+        s0, s1, s2, s3 = split4(score, BLOCK_M, TILE_N)
+        k0, k1, k2, k3 = select_of_4(s0, s1, s2, s3, N_KEEP)
+        keep = join4(k0, k1, k2, k3, BLOCK_M, TILE_N)
+    else:
+        tl.static_assert(M == 8, "M must be 4 or 8")
+        s0, s1, s2, s3, s4, s5, s6, s7 = _split8(score, BLOCK_M, TILE_N)
+        k0, k1, k2, k3, k4, k5, k6, k7 = select_of_8(s0, s1, s2, s3, s4, s5, s6, s7, N_KEEP)
+        keep = _join8(k0, k1, k2, k3, k4, k5, k6, k7, BLOCK_M, TILE_N)
+    return keep

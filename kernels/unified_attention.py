@@ -17,14 +17,22 @@ How (differences from its ancestor, vLLM's ``triton_unified_attention``):
   query head of this KV head's GQA group) pair, so decode still fills the MMA's M side.
   Programs find their sequence by a binary search over ``cu_seqlens_q`` in "q-block"
   units (``cu_seqlens_q[b] // BLOCK_Q + b``); surplus programs exit at once.
-* The key tile (``TILE_N`` keys) is loaded as ``NUM_SUBTILES`` strided sub-tiles
-  (sub-tile ``r`` = keys ``tile_start + NUM_SUBTILES * g + r``). With
-  ``NUM_SUBTILES == M`` the N:M selection is elementwise across the sub-tiles
-  (``kernels/selection.py``); the dense configuration uses one sub-tile. Tiles start at
-  multiples of ``TILE_N`` (a multiple of M), so a group never straddles a tile, a page
-  or a split-KV segment.
-* Page size is a runtime value: any page size from 1 up to a whole sequence works
-  (every key is translated through the block table).
+* One MMA per key tile (``TILE_N`` keys) for QK^T and one for PV, dense or sparse. For
+  N:M the key tile is loaded in a member-interleaved column order
+  (``selection.tile_key_offsets``) so the M members of each group sit in one thread's
+  registers; the selection is then elementwise after register-only reshapes
+  (``selection.select_tile``). Tiles start at multiples of ``TILE_N`` (a multiple of
+  M), so a group never straddles a tile, a page or a split-KV segment.
+* Selection runs on the raw dot product (or on the soft-capped score): the positive scale
+  cannot change the order, and one rounding less keeps fp32 decisions closest to the
+  float64 spec. The softmax runs in log2 units (``exp2``, scale folded into one multiply).
+* The key range of a q-block is walked in up to three loops: masked edge tiles (window
+  start, sink), then tiles that are fully visible to every row and outside the dense
+  regions (no masks, no bounds checks), then the masked tiles at the causal diagonal
+  and the dense recent band.
+* Any page size works (every key is translated through the block table); the page size
+  is a compile-time constant (``PAGE_SIZE``) so the key -> page mapping is a shift for
+  powers of two.
 * Split-KV ("3D"): with ``NUM_SEGMENTS > 1`` the key range of a sequence is cut into
   segments of whole tiles; each program writes an unnormalised fp32 partial and its
   running max / sum, and ``reduce_segments_kernel`` merges them.
@@ -41,7 +49,7 @@ Imports triton only.
 import triton
 import triton.language as tl
 
-from .selection import select_of_4, select_of_8
+from .selection import select_tile, tile_key_offsets
 
 
 @triton.jit
@@ -67,141 +75,136 @@ def _tanh(x):
 
 
 @triton.jit
-def _page_lookup(block_table_row_ptr, key_idx, kv_len, block_size, stride_bt_page):
-    """Physical page and slot of each key.
-
-    key_idx: [G] int32 absolute key indices of one sub-tile.
-    Returns (page [G] int64, slot [G] int64, key_valid [G] bool).
-    """
-    key_valid = key_idx < kv_len
-    logical_page = key_idx // block_size
-    slot = key_idx - logical_page * block_size
-    page = tl.load(
-        block_table_row_ptr + logical_page.to(tl.int64) * stride_bt_page, mask=key_valid, other=0
-    ).to(tl.int64)
-    return page, slot.to(tl.int64), key_valid
-
-
-@triton.jit
-def _load_kv_subtile(
+def _load_rows(
     cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_dim]
-    page,  # [G] int64
-    slot,  # [G] int64
-    key_valid,  # [G] bool
-    kv_head,
-    stride_block,
-    stride_slot,
-    stride_head,
+    row_offset,  # [TILE_N] int64: element offset of each key's (page, slot, kv_head) row
+    key_valid,  # [TILE_N] bool (used when MASK_KEYS)
     stride_dim,
     offs_d,  # [HEAD_DIM_PAD]
-    dim_valid,  # [HEAD_DIM_PAD] bool
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+    MASK_KEYS: tl.constexpr,
     UPCAST_OPERANDS: tl.constexpr,
 ):
-    """One K or V sub-tile, [G, HEAD_DIM_PAD]; zeros where the key or dim is invalid."""
-    row = page * stride_block + slot * stride_slot + kv_head * stride_head  # [G]
-    tile = tl.load(
-        cache_ptr + row[:, None] + offs_d[None, :].to(tl.int64) * stride_dim,
-        mask=key_valid[:, None] & dim_valid[None, :],
-        other=0.0,
-    )
+    """One K or V tile, [TILE_N, HEAD_DIM_PAD]; zeros where the key (MASK_KEYS) or the
+    padded dim is invalid. Unmasked when every key is valid and the dim is not padded."""
+    ptrs = cache_ptr + row_offset[:, None] + offs_d[None, :].to(tl.int64) * stride_dim
+    if MASK_KEYS:
+        tile = tl.load(ptrs, mask=key_valid[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
+    elif HEAD_DIM < HEAD_DIM_PAD:
+        tile = tl.load(ptrs, mask=(offs_d < HEAD_DIM)[None, :], other=0.0)
+    else:
+        tile = tl.load(ptrs)
     if UPCAST_OPERANDS:
         tile = tile.to(tl.float32)
     return tile
 
 
 @triton.jit
-def _subtile_scores(
+def _attend_tile(
+    acc,  # [BLOCK_M, HEAD_DIM_PAD] fp32 running unnormalised output
+    m_i,  # [BLOCK_M] fp32 running max of the logits, log2 units
+    l_i,  # [BLOCK_M] fp32 running sum of exp2(logit - m_i)
     q,  # [BLOCK_M, HEAD_DIM_PAD]
     k_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_dim]
-    block_table_row_ptr,  # [max_blocks_per_seq]
-    key_idx,  # [G] int32
+    v_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    block_table_row_ptr,  # [max_blocks_per_seq] int32, this sequence's row
+    tile,  # index of the key tile (keys tile * TILE_N ...)
+    key_offs,  # [TILE_N] int32 key offset of each column (selection.tile_key_offsets)
     query_pos,  # [BLOCK_M] int32 absolute position p of each row
     row_valid,  # [BLOCK_M] bool
+    row_dense,  # scalar bool: the whole row is dense (decode rows without SPARSE_DECODE)
     kv_len,
     kv_head,
-    block_size,
-    softmax_scale,
+    softmax_scale,  # fp32
+    logit_scale,  # fp32: factor from the selection score to log2-unit logits
     softcap,
     window,
+    dense_sink_tokens,
+    dense_recent_tokens,
     stride_bt_page,
     stride_kc_block,
     stride_kc_slot,
     stride_kc_head,
     stride_kc_dim,
-    offs_d,
-    dim_valid,
-    IS_CAUSAL: tl.constexpr,
-    USE_WINDOW: tl.constexpr,
-    USE_SOFTCAP: tl.constexpr,
-    UPCAST_OPERANDS: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-):
-    """Scores of one sub-tile with invisible entries at -inf.
-
-    Returns (s [BLOCK_M, G] fp32, page [G], slot [G], key_valid [G]).
-    """
-    page, slot, key_valid = _page_lookup(block_table_row_ptr, key_idx, kv_len, block_size, stride_bt_page)
-    k = _load_kv_subtile(
-        k_cache_ptr, page, slot, key_valid, kv_head,
-        stride_kc_block, stride_kc_slot, stride_kc_head, stride_kc_dim,
-        offs_d, dim_valid, UPCAST_OPERANDS,
-    )  # [G, HEAD_DIM_PAD]
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * softmax_scale  # [BLOCK_M, G]
-    if USE_SOFTCAP:
-        s = softcap * _tanh(s / softcap)
-    visible = row_valid[:, None] & key_valid[None, :]
-    if IS_CAUSAL:
-        visible = visible & (key_idx[None, :] <= query_pos[:, None])
-    if USE_WINDOW:
-        visible = visible & (query_pos[:, None] - key_idx[None, :] < window)
-    s = tl.where(visible, s, float("-inf"))
-    return s, page, slot, key_valid
-
-
-@triton.jit
-def _keep(s, selected, key_idx, query_pos, row_dense, dense_sink_tokens, dense_recent_tokens,
-          USE_SINK: tl.constexpr, USE_RECENT: tl.constexpr):
-    """Scores with unkept entries at -inf: kept = visible AND (dense OR selected).
-
-    s: [BLOCK_M, G] (invisible already -inf); selected: [BLOCK_M, G] bool.
-    """
-    keep = selected | row_dense
-    if USE_SINK:
-        keep = keep | (key_idx < dense_sink_tokens)[None, :]
-    if USE_RECENT:
-        distance = query_pos[:, None] - key_idx[None, :]
-        keep = keep | ((distance >= 0) & (distance < dense_recent_tokens))
-    return tl.where(keep, s, float("-inf"))
-
-
-@triton.jit
-def _subtile_pv(
-    p,  # [BLOCK_M, G] fp32 probabilities (unnormalised)
-    v_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_dim]
-    page,
-    slot,
-    key_valid,
-    kv_head,
     stride_vc_block,
     stride_vc_slot,
     stride_vc_head,
     stride_vc_dim,
-    offs_d,
-    dim_valid,
+    offs_d,  # [HEAD_DIM_PAD]
+    PAGE_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    TILE_N: tl.constexpr,
+    NUM_SUBTILES: tl.constexpr,
+    N_KEEP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+    MASKED: tl.constexpr,  # False: every key of the tile is visible to every row, none is in a dense region
+    IS_CAUSAL: tl.constexpr,
+    USE_WINDOW: tl.constexpr,
+    USE_SOFTCAP: tl.constexpr,
+    USE_SINK: tl.constexpr,
+    USE_RECENT: tl.constexpr,
     UPCAST_OPERANDS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """P @ V for one sub-tile, [BLOCK_M, HEAD_DIM_PAD] fp32. P is rounded to V's dtype
-    (as the tensor cores see it)."""
-    v = _load_kv_subtile(
-        v_cache_ptr, page, slot, key_valid, kv_head,
-        stride_vc_block, stride_vc_slot, stride_vc_head, stride_vc_dim,
-        offs_d, dim_valid, UPCAST_OPERANDS,
-    )  # [G, HEAD_DIM_PAD]
-    p_in = p.to(v_cache_ptr.dtype.element_ty)
+    """One online-softmax step over key tile ``tile``. Returns (acc, m_i, l_i)."""
+    key_idx = tile * TILE_N + key_offs  # [TILE_N] absolute key of each column
+    key_valid = key_idx < kv_len  # [TILE_N]
+    logical_page = key_idx // PAGE_SIZE
+    slot = (key_idx - logical_page * PAGE_SIZE).to(tl.int64)
+    if MASKED:
+        page = tl.load(block_table_row_ptr + logical_page.to(tl.int64) * stride_bt_page, mask=key_valid, other=0)
+    else:
+        page = tl.load(block_table_row_ptr + logical_page.to(tl.int64) * stride_bt_page)
+    page = page.to(tl.int64)
+    k = _load_rows(
+        k_cache_ptr, page * stride_kc_block + slot * stride_kc_slot + kv_head * stride_kc_head,
+        key_valid, stride_kc_dim, offs_d, HEAD_DIM, HEAD_DIM_PAD, MASKED, UPCAST_OPERANDS,
+    )  # [TILE_N, HEAD_DIM_PAD]
+    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [BLOCK_M, TILE_N]
+
+    # The selection score: the raw dot product (the scale is positive, so the order is the
+    # spec's, with one rounding less), or the soft-capped score.
+    if USE_SOFTCAP:
+        score = softcap * _tanh((qk * softmax_scale) / softcap)
+    else:
+        score = qk
+    if MASKED:
+        visible = row_valid[:, None] & key_valid[None, :]
+        if IS_CAUSAL:
+            visible = visible & (key_idx[None, :] <= query_pos[:, None])
+        if USE_WINDOW:
+            visible = visible & (query_pos[:, None] - key_idx[None, :] < window)
+        score = tl.where(visible, score, float("-inf"))
+    if N_KEEP < NUM_SUBTILES:
+        keep = select_tile(score, N_KEEP, NUM_SUBTILES, BLOCK_M, TILE_N)
+        if MASKED:  # dense regions only reach masked tiles (the caller routes them there)
+            keep = keep | row_dense
+            if USE_SINK:
+                keep = keep | (key_idx < dense_sink_tokens)[None, :]
+            if USE_RECENT:
+                distance = query_pos[:, None] - key_idx[None, :]
+                keep = keep | ((distance >= 0) & (distance < dense_recent_tokens))
+        score = tl.where(keep, score, float("-inf"))
+
+    # Online softmax in log2 units (exp2). A row with nothing kept so far keeps m = -inf;
+    # use 0 as the shift there so exp2(-inf - shift) = 0 instead of NaN.
+    m_new = tl.maximum(m_i, tl.max(score, 1) * logit_scale)  # [BLOCK_M]
+    m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_shift)
+    p = tl.exp2(score * logit_scale - m_shift[:, None])  # [BLOCK_M, TILE_N]
+    l_i = l_i * alpha + tl.sum(p, 1)
+
+    v = _load_rows(
+        v_cache_ptr, page * stride_vc_block + slot * stride_vc_slot + kv_head * stride_vc_head,
+        key_valid, stride_vc_dim, offs_d, HEAD_DIM, HEAD_DIM_PAD, MASKED, UPCAST_OPERANDS,
+    )  # [TILE_N, HEAD_DIM_PAD]
+    p_in = p.to(v_cache_ptr.dtype.element_ty)  # P as the tensor cores see it
     if UPCAST_OPERANDS:
         p_in = p_in.to(tl.float32)
-    return tl.dot(p_in, v, input_precision=DOT_PRECISION)
+    acc = acc * alpha[:, None] + tl.dot(p_in, v, input_precision=DOT_PRECISION)
+    return acc, m_new, l_i
 
 
 @triton.jit
@@ -217,7 +220,7 @@ def unified_attention_kernel(
     out_ptr,  # [num_tokens, num_q_heads, head_dim], q's dtype (NUM_SEGMENTS == 1)
     lse_ptr,  # [num_tokens, num_q_heads] fp32 (NUM_SEGMENTS == 1 and STORE_LSE)
     segm_acc_ptr,  # [num_tokens, num_q_heads, NUM_SEGMENTS, HEAD_DIM_PAD] fp32 (NUM_SEGMENTS > 1)
-    segm_max_ptr,  # [num_tokens, num_q_heads, NUM_SEGMENTS] fp32 (NUM_SEGMENTS > 1)
+    segm_max_ptr,  # [num_tokens, num_q_heads, NUM_SEGMENTS] fp32, log2 units (NUM_SEGMENTS > 1)
     segm_sum_ptr,  # [num_tokens, num_q_heads, NUM_SEGMENTS] fp32 (NUM_SEGMENTS > 1)
     # ---- runtime scalars ----
     softmax_scale,  # fp32
@@ -226,7 +229,6 @@ def unified_attention_kernel(
     dense_sink_tokens,  # int, used when USE_SINK
     dense_recent_tokens,  # int, used when USE_RECENT
     num_seqs,
-    block_size,  # slots per page
     stride_q_token,
     stride_q_head,
     stride_q_dim,
@@ -249,6 +251,7 @@ def unified_attention_kernel(
     NUM_QUERIES_PER_KV: tl.constexpr,  # H_q // H_kv
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr,  # next power of two >= HEAD_DIM
+    PAGE_SIZE: tl.constexpr,  # slots per page (the caches' block_size); compile-time, so key -> page is cheap
     BLOCK_M: tl.constexpr,  # rows per program (power of two >= 16)
     BLOCK_Q: tl.constexpr,  # query tokens per program = BLOCK_M // NUM_QUERIES_PER_KV
     TILE_N: tl.constexpr,  # keys per loop iteration
@@ -270,6 +273,11 @@ def unified_attention_kernel(
     # (Inductor) and Python floats under jax-triton: fix the compute type here.
     softmax_scale = tl.cast(softmax_scale, tl.float32)
     softcap = tl.cast(softcap, tl.float32)
+    LOG2E: tl.constexpr = 1.4426950408889634
+    if USE_SOFTCAP:
+        logit_scale = tl.cast(LOG2E, tl.float32)  # the score is already scaled and capped
+    else:
+        logit_scale = softmax_scale * LOG2E  # the score is the raw dot product
     q_block_global = tl.program_id(0)
     kv_head = tl.program_id(1)
     segment = tl.program_id(2)
@@ -284,11 +292,10 @@ def unified_attention_kernel(
     kv_len = tl.load(seq_lens_ptr + seq_idx)
     context_len = kv_len - q_len
 
-    GROUPS: tl.constexpr = TILE_N // NUM_SUBTILES  # columns of one sub-tile
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
-    offs_g = tl.arange(0, GROUPS)
     dim_valid = offs_d < HEAD_DIM
+    key_offs = tile_key_offsets(TILE_N, NUM_SUBTILES)  # [TILE_N]
 
     query_local = q_block_local * BLOCK_Q + offs_m // NUM_QUERIES_PER_KV  # [BLOCK_M]
     q_head = kv_head * NUM_QUERIES_PER_KV + offs_m % NUM_QUERIES_PER_KV  # [BLOCK_M]
@@ -305,15 +312,15 @@ def unified_attention_kernel(
     if UPCAST_OPERANDS:
         q = q.to(tl.float32)
 
-    # Key range of this q-block: [key_lo, key_hi), pruned by causality and the window.
+    # Key range of this q-block: tiles [tile_lo, tile_hi), pruned by causality and the window.
+    first_pos = context_len + q_block_local * BLOCK_Q  # position of the block's first query
+    last_pos = context_len + tl.minimum(q_block_local * BLOCK_Q + BLOCK_Q, q_len) - 1
     if IS_CAUSAL:
-        last_query = tl.minimum(q_block_local * BLOCK_Q + BLOCK_Q, q_len) - 1
-        key_hi = tl.minimum(context_len + last_query + 1, kv_len)
+        key_hi = tl.minimum(last_pos + 1, kv_len)
     else:
         key_hi = kv_len
     tile_lo = 0
     if USE_WINDOW:
-        first_pos = context_len + q_block_local * BLOCK_Q
         tile_lo = tl.maximum(first_pos - window + 1, 0) // TILE_N
     tile_hi = tl.cdiv(key_hi, TILE_N)
     if NUM_SEGMENTS > 1:
@@ -321,167 +328,63 @@ def unified_attention_kernel(
         tile_lo = tl.maximum(tile_lo, segment * tiles_per_segment)
         tile_hi = tl.minimum(tile_hi, (segment + 1) * tiles_per_segment)
 
+    # Tiles [mid_lo, mid_hi) need no masking at all: every key exists and is visible to
+    # every row of the block, and none lies in a dense (sink / recent) region. Only the
+    # tiles at the edges of the range (the causal diagonal, the window's far end, the sink)
+    # go through the masked step.
+    if IS_CAUSAL:
+        unmasked_end = tl.minimum(first_pos + 1, kv_len)  # keys [0, unmasked_end) visible to all rows
+    else:
+        unmasked_end = kv_len
+    if USE_RECENT:
+        unmasked_end = tl.minimum(unmasked_end, tl.maximum(first_pos - dense_recent_tokens + 1, 0))
+    mid_lo = tile_lo
+    if USE_WINDOW:
+        mid_lo = tl.maximum(mid_lo, tl.cdiv(tl.maximum(last_pos - window + 1, 0), TILE_N))
+    if USE_SINK:
+        mid_lo = tl.maximum(mid_lo, tl.cdiv(dense_sink_tokens, TILE_N))
+    mid_lo = tl.minimum(mid_lo, tile_hi)
+    mid_hi = tl.maximum(tl.minimum(unmasked_end // TILE_N, tile_hi), mid_lo)
+
     row_dense = False
     if not SPARSE_DECODE:
         row_dense = q_len == 1
+        if row_dense:  # whole rows dense: the masked step handles them (it knows row_dense)
+            mid_hi = mid_lo
     block_table_row_ptr = block_table_ptr + seq_idx.to(tl.int64) * stride_bt_seq
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
 
-    for tile in range(tile_lo, tile_hi):
-        key_base = tile * TILE_N + offs_g * NUM_SUBTILES  # [GROUPS] first key of each group
-        if NUM_SUBTILES == 1:
-            s0, pg0, sl0, kv0 = _subtile_scores(
-                q, k_cache_ptr, block_table_row_ptr, key_base, query_pos, row_valid, kv_len, kv_head,
-                block_size, softmax_scale, softcap, window, stride_bt_page,
-                stride_kc_block, stride_kc_slot, stride_kc_head, stride_kc_dim, offs_d, dim_valid,
-                IS_CAUSAL, USE_WINDOW, USE_SOFTCAP, UPCAST_OPERANDS, DOT_PRECISION)
-            m_new = tl.maximum(m_i, tl.max(s0, 1))
-        elif NUM_SUBTILES == 4:
-            s0, pg0, sl0, kv0 = _subtile_scores(
-                q, k_cache_ptr, block_table_row_ptr, key_base + 0, query_pos, row_valid, kv_len, kv_head,
-                block_size, softmax_scale, softcap, window, stride_bt_page,
-                stride_kc_block, stride_kc_slot, stride_kc_head, stride_kc_dim, offs_d, dim_valid,
-                IS_CAUSAL, USE_WINDOW, USE_SOFTCAP, UPCAST_OPERANDS, DOT_PRECISION)
-            s1, pg1, sl1, kv1 = _subtile_scores(
-                q, k_cache_ptr, block_table_row_ptr, key_base + 1, query_pos, row_valid, kv_len, kv_head,
-                block_size, softmax_scale, softcap, window, stride_bt_page,
-                stride_kc_block, stride_kc_slot, stride_kc_head, stride_kc_dim, offs_d, dim_valid,
-                IS_CAUSAL, USE_WINDOW, USE_SOFTCAP, UPCAST_OPERANDS, DOT_PRECISION)
-            s2, pg2, sl2, kv2 = _subtile_scores(
-                q, k_cache_ptr, block_table_row_ptr, key_base + 2, query_pos, row_valid, kv_len, kv_head,
-                block_size, softmax_scale, softcap, window, stride_bt_page,
-                stride_kc_block, stride_kc_slot, stride_kc_head, stride_kc_dim, offs_d, dim_valid,
-                IS_CAUSAL, USE_WINDOW, USE_SOFTCAP, UPCAST_OPERANDS, DOT_PRECISION)
-            s3, pg3, sl3, kv3 = _subtile_scores(
-                q, k_cache_ptr, block_table_row_ptr, key_base + 3, query_pos, row_valid, kv_len, kv_head,
-                block_size, softmax_scale, softcap, window, stride_bt_page,
-                stride_kc_block, stride_kc_slot, stride_kc_head, stride_kc_dim, offs_d, dim_valid,
-                IS_CAUSAL, USE_WINDOW, USE_SOFTCAP, UPCAST_OPERANDS, DOT_PRECISION)
-            if N_KEEP < NUM_SUBTILES:
-                sel0, sel1, sel2, sel3 = select_of_4(s0, s1, s2, s3, N_KEEP)
-                s0 = _keep(s0, sel0, key_base + 0, query_pos, row_dense, dense_sink_tokens,
-                           dense_recent_tokens, USE_SINK, USE_RECENT)
-                s1 = _keep(s1, sel1, key_base + 1, query_pos, row_dense, dense_sink_tokens,
-                           dense_recent_tokens, USE_SINK, USE_RECENT)
-                s2 = _keep(s2, sel2, key_base + 2, query_pos, row_dense, dense_sink_tokens,
-                           dense_recent_tokens, USE_SINK, USE_RECENT)
-                s3 = _keep(s3, sel3, key_base + 3, query_pos, row_dense, dense_sink_tokens,
-                           dense_recent_tokens, USE_SINK, USE_RECENT)
-            m_new = tl.maximum(
-                tl.maximum(m_i, tl.maximum(tl.max(s0, 1), tl.max(s1, 1))),
-                tl.maximum(tl.max(s2, 1), tl.max(s3, 1)),
-            )
-        else:
-            tl.static_assert(NUM_SUBTILES == 8, "NUM_SUBTILES must be 1, 4 or 8")
-            s0, pg0, sl0, kv0 = _subtile_scores(
-                q, k_cache_ptr, block_table_row_ptr, key_base + 0, query_pos, row_valid, kv_len, kv_head,
-                block_size, softmax_scale, softcap, window, stride_bt_page,
-                stride_kc_block, stride_kc_slot, stride_kc_head, stride_kc_dim, offs_d, dim_valid,
-                IS_CAUSAL, USE_WINDOW, USE_SOFTCAP, UPCAST_OPERANDS, DOT_PRECISION)
-            s1, pg1, sl1, kv1 = _subtile_scores(
-                q, k_cache_ptr, block_table_row_ptr, key_base + 1, query_pos, row_valid, kv_len, kv_head,
-                block_size, softmax_scale, softcap, window, stride_bt_page,
-                stride_kc_block, stride_kc_slot, stride_kc_head, stride_kc_dim, offs_d, dim_valid,
-                IS_CAUSAL, USE_WINDOW, USE_SOFTCAP, UPCAST_OPERANDS, DOT_PRECISION)
-            s2, pg2, sl2, kv2 = _subtile_scores(
-                q, k_cache_ptr, block_table_row_ptr, key_base + 2, query_pos, row_valid, kv_len, kv_head,
-                block_size, softmax_scale, softcap, window, stride_bt_page,
-                stride_kc_block, stride_kc_slot, stride_kc_head, stride_kc_dim, offs_d, dim_valid,
-                IS_CAUSAL, USE_WINDOW, USE_SOFTCAP, UPCAST_OPERANDS, DOT_PRECISION)
-            s3, pg3, sl3, kv3 = _subtile_scores(
-                q, k_cache_ptr, block_table_row_ptr, key_base + 3, query_pos, row_valid, kv_len, kv_head,
-                block_size, softmax_scale, softcap, window, stride_bt_page,
-                stride_kc_block, stride_kc_slot, stride_kc_head, stride_kc_dim, offs_d, dim_valid,
-                IS_CAUSAL, USE_WINDOW, USE_SOFTCAP, UPCAST_OPERANDS, DOT_PRECISION)
-            s4, pg4, sl4, kv4 = _subtile_scores(
-                q, k_cache_ptr, block_table_row_ptr, key_base + 4, query_pos, row_valid, kv_len, kv_head,
-                block_size, softmax_scale, softcap, window, stride_bt_page,
-                stride_kc_block, stride_kc_slot, stride_kc_head, stride_kc_dim, offs_d, dim_valid,
-                IS_CAUSAL, USE_WINDOW, USE_SOFTCAP, UPCAST_OPERANDS, DOT_PRECISION)
-            s5, pg5, sl5, kv5 = _subtile_scores(
-                q, k_cache_ptr, block_table_row_ptr, key_base + 5, query_pos, row_valid, kv_len, kv_head,
-                block_size, softmax_scale, softcap, window, stride_bt_page,
-                stride_kc_block, stride_kc_slot, stride_kc_head, stride_kc_dim, offs_d, dim_valid,
-                IS_CAUSAL, USE_WINDOW, USE_SOFTCAP, UPCAST_OPERANDS, DOT_PRECISION)
-            s6, pg6, sl6, kv6 = _subtile_scores(
-                q, k_cache_ptr, block_table_row_ptr, key_base + 6, query_pos, row_valid, kv_len, kv_head,
-                block_size, softmax_scale, softcap, window, stride_bt_page,
-                stride_kc_block, stride_kc_slot, stride_kc_head, stride_kc_dim, offs_d, dim_valid,
-                IS_CAUSAL, USE_WINDOW, USE_SOFTCAP, UPCAST_OPERANDS, DOT_PRECISION)
-            s7, pg7, sl7, kv7 = _subtile_scores(
-                q, k_cache_ptr, block_table_row_ptr, key_base + 7, query_pos, row_valid, kv_len, kv_head,
-                block_size, softmax_scale, softcap, window, stride_bt_page,
-                stride_kc_block, stride_kc_slot, stride_kc_head, stride_kc_dim, offs_d, dim_valid,
-                IS_CAUSAL, USE_WINDOW, USE_SOFTCAP, UPCAST_OPERANDS, DOT_PRECISION)
-            if N_KEEP < NUM_SUBTILES:
-                sel0, sel1, sel2, sel3, sel4, sel5, sel6, sel7 = select_of_8(
-                    s0, s1, s2, s3, s4, s5, s6, s7, N_KEEP)
-                s0 = _keep(s0, sel0, key_base + 0, query_pos, row_dense, dense_sink_tokens,
-                           dense_recent_tokens, USE_SINK, USE_RECENT)
-                s1 = _keep(s1, sel1, key_base + 1, query_pos, row_dense, dense_sink_tokens,
-                           dense_recent_tokens, USE_SINK, USE_RECENT)
-                s2 = _keep(s2, sel2, key_base + 2, query_pos, row_dense, dense_sink_tokens,
-                           dense_recent_tokens, USE_SINK, USE_RECENT)
-                s3 = _keep(s3, sel3, key_base + 3, query_pos, row_dense, dense_sink_tokens,
-                           dense_recent_tokens, USE_SINK, USE_RECENT)
-                s4 = _keep(s4, sel4, key_base + 4, query_pos, row_dense, dense_sink_tokens,
-                           dense_recent_tokens, USE_SINK, USE_RECENT)
-                s5 = _keep(s5, sel5, key_base + 5, query_pos, row_dense, dense_sink_tokens,
-                           dense_recent_tokens, USE_SINK, USE_RECENT)
-                s6 = _keep(s6, sel6, key_base + 6, query_pos, row_dense, dense_sink_tokens,
-                           dense_recent_tokens, USE_SINK, USE_RECENT)
-                s7 = _keep(s7, sel7, key_base + 7, query_pos, row_dense, dense_sink_tokens,
-                           dense_recent_tokens, USE_SINK, USE_RECENT)
-            m_new = tl.maximum(
-                tl.maximum(
-                    tl.maximum(m_i, tl.maximum(tl.max(s0, 1), tl.max(s1, 1))),
-                    tl.maximum(tl.max(s2, 1), tl.max(s3, 1)),
-                ),
-                tl.maximum(
-                    tl.maximum(tl.max(s4, 1), tl.max(s5, 1)),
-                    tl.maximum(tl.max(s6, 1), tl.max(s7, 1)),
-                ),
-            )
-
-        # Online softmax step. A row with nothing kept so far keeps m = -inf; use 0 as the
-        # shift there so exp(-inf - shift) = 0 instead of NaN.
-        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # [BLOCK_M]
-        alpha = tl.exp(m_i - m_shift)  # [BLOCK_M]
-        acc = acc * alpha[:, None]
-        p0 = tl.exp(s0 - m_shift[:, None])
-        l_new = tl.sum(p0, 1)
-        acc += _subtile_pv(p0, v_cache_ptr, pg0, sl0, kv0, kv_head, stride_vc_block, stride_vc_slot,
-                           stride_vc_head, stride_vc_dim, offs_d, dim_valid, UPCAST_OPERANDS, DOT_PRECISION)
-        if NUM_SUBTILES >= 4:
-            p1 = tl.exp(s1 - m_shift[:, None])
-            p2 = tl.exp(s2 - m_shift[:, None])
-            p3 = tl.exp(s3 - m_shift[:, None])
-            l_new += tl.sum(p1, 1) + tl.sum(p2, 1) + tl.sum(p3, 1)
-            acc += _subtile_pv(p1, v_cache_ptr, pg1, sl1, kv1, kv_head, stride_vc_block, stride_vc_slot,
-                               stride_vc_head, stride_vc_dim, offs_d, dim_valid, UPCAST_OPERANDS, DOT_PRECISION)
-            acc += _subtile_pv(p2, v_cache_ptr, pg2, sl2, kv2, kv_head, stride_vc_block, stride_vc_slot,
-                               stride_vc_head, stride_vc_dim, offs_d, dim_valid, UPCAST_OPERANDS, DOT_PRECISION)
-            acc += _subtile_pv(p3, v_cache_ptr, pg3, sl3, kv3, kv_head, stride_vc_block, stride_vc_slot,
-                               stride_vc_head, stride_vc_dim, offs_d, dim_valid, UPCAST_OPERANDS, DOT_PRECISION)
-        if NUM_SUBTILES == 8:
-            p4 = tl.exp(s4 - m_shift[:, None])
-            p5 = tl.exp(s5 - m_shift[:, None])
-            p6 = tl.exp(s6 - m_shift[:, None])
-            p7 = tl.exp(s7 - m_shift[:, None])
-            l_new += tl.sum(p4, 1) + tl.sum(p5, 1) + tl.sum(p6, 1) + tl.sum(p7, 1)
-            acc += _subtile_pv(p4, v_cache_ptr, pg4, sl4, kv4, kv_head, stride_vc_block, stride_vc_slot,
-                               stride_vc_head, stride_vc_dim, offs_d, dim_valid, UPCAST_OPERANDS, DOT_PRECISION)
-            acc += _subtile_pv(p5, v_cache_ptr, pg5, sl5, kv5, kv_head, stride_vc_block, stride_vc_slot,
-                               stride_vc_head, stride_vc_dim, offs_d, dim_valid, UPCAST_OPERANDS, DOT_PRECISION)
-            acc += _subtile_pv(p6, v_cache_ptr, pg6, sl6, kv6, kv_head, stride_vc_block, stride_vc_slot,
-                               stride_vc_head, stride_vc_dim, offs_d, dim_valid, UPCAST_OPERANDS, DOT_PRECISION)
-            acc += _subtile_pv(p7, v_cache_ptr, pg7, sl7, kv7, kv_head, stride_vc_block, stride_vc_slot,
-                               stride_vc_head, stride_vc_dim, offs_d, dim_valid, UPCAST_OPERANDS, DOT_PRECISION)
-        l_i = l_i * alpha + l_new
-        m_i = m_new
+    if USE_WINDOW or USE_SINK:
+        for tile in range(tile_lo, mid_lo):
+            acc, m_i, l_i = _attend_tile(
+                acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, block_table_row_ptr, tile, key_offs,
+                query_pos, row_valid, row_dense, kv_len, kv_head, softmax_scale, logit_scale,
+                softcap, window, dense_sink_tokens, dense_recent_tokens, stride_bt_page,
+                stride_kc_block, stride_kc_slot, stride_kc_head, stride_kc_dim,
+                stride_vc_block, stride_vc_slot, stride_vc_head, stride_vc_dim, offs_d,
+                PAGE_SIZE, BLOCK_M, TILE_N, NUM_SUBTILES, N_KEEP, HEAD_DIM, HEAD_DIM_PAD, True, IS_CAUSAL, USE_WINDOW,
+                USE_SOFTCAP, USE_SINK, USE_RECENT, UPCAST_OPERANDS, DOT_PRECISION)
+    for tile in range(mid_lo, mid_hi):
+        acc, m_i, l_i = _attend_tile(
+            acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, block_table_row_ptr, tile, key_offs,
+            query_pos, row_valid, row_dense, kv_len, kv_head, softmax_scale, logit_scale,
+            softcap, window, dense_sink_tokens, dense_recent_tokens, stride_bt_page,
+            stride_kc_block, stride_kc_slot, stride_kc_head, stride_kc_dim,
+            stride_vc_block, stride_vc_slot, stride_vc_head, stride_vc_dim, offs_d,
+            PAGE_SIZE, BLOCK_M, TILE_N, NUM_SUBTILES, N_KEEP, HEAD_DIM, HEAD_DIM_PAD, False, IS_CAUSAL, USE_WINDOW,
+            USE_SOFTCAP, USE_SINK, USE_RECENT, UPCAST_OPERANDS, DOT_PRECISION)
+    for tile in range(mid_hi, tile_hi):
+        acc, m_i, l_i = _attend_tile(
+            acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, block_table_row_ptr, tile, key_offs,
+            query_pos, row_valid, row_dense, kv_len, kv_head, softmax_scale, logit_scale,
+            softcap, window, dense_sink_tokens, dense_recent_tokens, stride_bt_page,
+            stride_kc_block, stride_kc_slot, stride_kc_head, stride_kc_dim,
+            stride_vc_block, stride_vc_slot, stride_vc_head, stride_vc_dim, offs_d,
+            PAGE_SIZE, BLOCK_M, TILE_N, NUM_SUBTILES, N_KEEP, HEAD_DIM, HEAD_DIM_PAD, True, IS_CAUSAL, USE_WINDOW,
+            USE_SOFTCAP, USE_SINK, USE_RECENT, UPCAST_OPERANDS, DOT_PRECISION)
 
     if NUM_SEGMENTS == 1:
         l_safe = tl.where(l_i == 0.0, 1.0, l_i)
@@ -493,7 +396,8 @@ def unified_attention_kernel(
             mask=row_valid[:, None] & dim_valid[None, :],
         )
         if STORE_LSE:
-            lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log(l_safe))
+            LN2: tl.constexpr = 0.6931471805599453
+            lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.log2(l_safe)) * LN2)
             tl.store(
                 lse_ptr + token * stride_lse_token + q_head.to(tl.int64) * stride_lse_head,
                 lse,
@@ -515,7 +419,7 @@ def unified_attention_kernel(
 def reduce_segments_kernel(
     # ---- input arrays ----
     segm_acc_ptr,  # [num_tokens, num_q_heads, NUM_SEGMENTS, HEAD_DIM_PAD] fp32
-    segm_max_ptr,  # [num_tokens, num_q_heads, NUM_SEGMENTS] fp32
+    segm_max_ptr,  # [num_tokens, num_q_heads, NUM_SEGMENTS] fp32, log2 units
     segm_sum_ptr,  # [num_tokens, num_q_heads, NUM_SEGMENTS] fp32
     # ---- output arrays ----
     out_ptr,  # [num_tokens, num_q_heads, head_dim]
@@ -544,7 +448,7 @@ def reduce_segments_kernel(
     seg_sum = tl.load(segm_sum_ptr + row)  # [NUM_SEGMENTS]
     m = tl.max(seg_max, 0)
     m_shift = tl.where(m == float("-inf"), 0.0, m)
-    weight = tl.exp(seg_max - m_shift)  # [NUM_SEGMENTS], 0 for empty segments
+    weight = tl.exp2(seg_max - m_shift)  # [NUM_SEGMENTS], 0 for empty segments
     total = tl.sum(seg_sum * weight, 0)
     seg_acc = tl.load(segm_acc_ptr + row[:, None] * HEAD_DIM_PAD + offs_d[None, :])  # [NUM_SEGMENTS, HEAD_DIM_PAD]
     total_safe = tl.where(total == 0.0, 1.0, total)
@@ -555,5 +459,5 @@ def reduce_segments_kernel(
         mask=offs_d < HEAD_DIM,
     )
     if STORE_LSE:
-        lse = tl.where(total == 0.0, float("-inf"), m_shift + tl.log(total_safe))
+        lse = tl.where(total == 0.0, float("-inf"), (m_shift + tl.log2(total_safe)) * 0.6931471805599453)
         tl.store(lse_ptr + token * stride_lse_token + q_head * stride_lse_head, lse)

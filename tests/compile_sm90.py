@@ -51,11 +51,30 @@ def signature(kernel, dtype: str, constexprs: dict, float_scalar: str = "fp32") 
     return sig
 
 
+def launch_specialization(kernel, constexprs: dict) -> tuple[dict, dict]:
+    """What Triton's JIT does for a launch on contiguous tensors: an int argument equal to
+    1 (the unit strides) becomes a constant, and pointers and the other strides carry
+    ``tt.divisibility = 16`` (this is what lets the K/V gathers vectorise into async copies,
+    so the compile below goes through the same software-pipelined code path as on a GPU)."""
+    constexprs = dict(constexprs)
+    attrs = {}
+    for i, name in enumerate(kernel.arg_names):
+        if name in constexprs:
+            continue
+        if name.endswith("_dim") or name in ("stride_bt_page", "stride_lse_head"):
+            constexprs[name] = 1
+        elif name.endswith("_ptr") or name.startswith("stride_"):
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    return constexprs, attrs
+
+
 def compile_one(kernel, dtype: str, constexprs: dict, label: str, float_scalar: str = "fp32") -> None:
     constexprs = dict(constexprs)
     options = {"num_warps": constexprs.pop("num_warps"), "num_stages": constexprs.pop("num_stages", 2)}
     start = time.time()
-    src = ASTSource(fn=kernel, signature=signature(kernel, dtype, constexprs, float_scalar), constexprs=constexprs)
+    constexprs, attrs = launch_specialization(kernel, constexprs)
+    src = ASTSource(fn=kernel, signature=signature(kernel, dtype, constexprs, float_scalar), constexprs=constexprs,
+                    attrs=attrs)
     compiled = triton.compile(src, target=TARGET, options=options)
     assert compiled.asm.get("cubin"), label
     print(f"ok {label} ({time.time() - start:.1f}s)", flush=True)
@@ -64,9 +83,9 @@ def compile_one(kernel, dtype: str, constexprs: dict, label: str, float_scalar: 
 def attention_specializations():
     """(dtype, plan kwargs, feature flags) covering every constexpr branch of the launchers."""
     configs = {"dense": (4, 4), "2:4": (2, 4), "1:8": (1, 8), "4:8": (4, 8)}
-    full = dict(causal=True, use_window=True, use_softcap=True, use_sink=True, use_recent=True,
+    full = dict(page_size=16, causal=True, use_window=True, use_softcap=True, use_sink=True, use_recent=True,
                 sparse_decode=False, store_lse=True)
-    plain = dict(causal=True, use_window=False, use_softcap=False, use_sink=False, use_recent=True,
+    plain = dict(page_size=16, causal=True, use_window=False, use_softcap=False, use_sink=False, use_recent=True,
                  sparse_decode=True, store_lse=False)
     non_causal = dict(plain, causal=False)
     for dtype, (name, (n, m)), head_dim in itertools.product(("bfloat16", "float16", "float32"), configs.items(), (64, 128)):
@@ -101,7 +120,7 @@ def main() -> int:
     # torch.compile (Inductor) passes Python floats as fp64 scalars
     plan = plan_unified_attention(num_tokens=64, num_seqs=2, dtype="bfloat16", max_seqlen_k=300, n=2, m=4,
                                   head_dim=64, max_seqlen_q=37, num_q_heads=8, num_kv_heads=2)
-    flags = dict(causal=True, use_window=False, use_softcap=True, use_sink=False, use_recent=True,
+    flags = dict(page_size=1, causal=True, use_window=False, use_softcap=True, use_sink=False, use_recent=True,
                  sparse_decode=True, store_lse=False)
     compile_one(unified_attention_kernel, "bfloat16", plan.kernel_constexprs(**flags),
                 "unified_attention bfloat16 2:4 with fp64 float scalars (Inductor)", float_scalar="fp64")

@@ -119,6 +119,44 @@ def test_kernel_long_context(kernel_backend, case):
     )
 
 
+@pytest.mark.parametrize(
+    "config",
+    ["2:4,recent=0", "2:4", "2:4,recent=0,sparse_decode=true", "2:4,recent=0,sparse_decode=false", "1:4,recent=0",
+     "2:8,recent=0"],
+)
+def test_kernel_long_context_decisions(kernel_backend, config):
+    """Kept masks with several key tiles per q-block, so the unmasked middle loop (selection
+    with no masks at all) runs next to the masked diagonal/recent tiles; integer scores
+    make ties exact."""
+    backend, device = kernel_backend
+    check_case(backend, device, q_lens=(1, 40, 3), kv_lens=(333, 301, 170), block_size=16, config=config)
+
+
+@pytest.mark.parametrize(
+    "tune",
+    [dict(block_m=64, tile_n=64), dict(block_m=128, tile_n=64), dict(block_m=128, tile_n=128),
+     dict(block_m=32, tile_n=256), dict(tile_n=32, num_warps=2)],
+    ids=lambda t: ",".join(f"{k}={v}" for k, v in t.items()),
+)
+def test_launch_parameters_do_not_change_results(kernel_backend, tune):
+    """Tile sizes move the masked/unmasked boundaries and the group order within a tile;
+    results must not move (integer inputs: the same decisions, fp32 sums within rounding)."""
+    from sparse24.kernels import planner
+
+    backend, device = kernel_backend
+    inputs = make_paged_inputs((1, 40, 3), (333, 301, 170), num_q_heads=4, num_kv_heads=2, head_dim=64,
+                               block_size=16, integer=True, int_range=1, seed=5, device=device)
+    for config, kwargs in (("2:4,recent=0", {}), ("2:4", {}), ("2:4,sink=4,recent=16", dict(window=120)),
+                           ("2:8,recent=0", {}), ("dense", {})):
+        cfg = SparsityConfig.parse(config)
+        if cfg.m == 8 and tune.get("tile_n", 128) < 32:
+            continue
+        want = unified_attention(*inputs, config=cfg, backend=backend, **kwargs)
+        with planner.tuning(**tune):
+            got = unified_attention(*inputs, config=cfg, backend=backend, **kwargs)
+        assert_close_report(got, want, atol=1e-6, rtol=1e-6, name=f"{config} {tune}")
+
+
 def test_kernel_fp16(kernel_backend):
     backend, device = kernel_backend
     check_case(backend, device, **BASE, dtype=torch.float16, decisions=False)

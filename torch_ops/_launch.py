@@ -107,7 +107,7 @@ def unified_attention_op(
         q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens,
         out, lse, segm_acc, segm_max, segm_sum,
         softmax_scale, softcap, window, dense_sink_tokens, dense_recent_tokens,
-        num_seqs, k_cache.shape[1],
+        num_seqs,
         q.stride(0), q.stride(1), q.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), k_cache.stride(3),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), v_cache.stride(3),
@@ -115,6 +115,7 @@ def unified_attention_op(
         out.stride(0), out.stride(1), out.stride(2),
         lse.stride(0), lse.stride(-1),
         **plan.kernel_constexprs(
+            page_size=k_cache.shape[1],
             causal=causal,
             use_window=window > 0,
             use_softcap=softcap > 0,
