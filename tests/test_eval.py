@@ -185,3 +185,17 @@ def test_plot_without_matplotlib_is_a_clear_error(tmp_path, monkeypatch, capsys)
         main(["eval", "--per-layer", "--plot", str(tmp_path / "x.png")])
     assert exc.value.code == 2
     assert "matplotlib" in capsys.readouterr().err
+
+
+def test_eval_text_file(lm, tmp_path, capsys):
+    """--text replaces the built-in corpus (which depends on the Python version)."""
+    text = tmp_path / "prose.txt"
+    text.write_text(ev.corpus_text()[5000:9000], encoding="utf-8")
+    out = tmp_path / "r.json"
+    assert main(["eval", "--text", str(text), "--max-tokens", "200", "--contexts", "100", "--json", str(out),
+                 "--no-progress"]) == 0
+    report = json.loads(out.read_text())
+    assert report["corpus"] == str(text) and report["tokens"] == 200
+    assert str(text) in capsys.readouterr().out
+    assert main(["eval", "--text", str(tmp_path / "missing.txt"), "--no-progress"]) == 2
+    assert "cannot read --text" in capsys.readouterr().err
