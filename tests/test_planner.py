@@ -362,3 +362,41 @@ def test_write_kv_cache_kernel_arg_order():
     middle = check_order(write_kv_cache_kernel, pointers, {"HEAD_DIM", "HEAD_DIM_PAD"})
     assert arg_names(write_kv_cache_kernel)[-2:] == ["HEAD_DIM", "HEAD_DIM_PAD"]
     assert middle[0] == "block_size"
+
+
+def test_tuning_overrides_and_restores():
+    from sparse24.kernels import planner
+
+    default = plan()
+    with planner.tuning(block_m=64, tile_n=32, num_warps=4, num_stages=3):
+        p = plan()
+        assert (p.block_m, p.block_q, p.tile_n, p.num_warps, p.num_stages) == (64, 16, 32, 4, 3)
+        assert p.grid[0] == 512 // 16 + 1
+        with planner.tuning(tile_n=128):
+            assert plan().tile_n == 128 and plan().block_m == 64
+        assert plan().tile_n == 32
+    assert plan() == default
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(block_mm=64), "tuning\\(\\) takes"),
+    (dict(block_m=48), "block_m must be a power of two"),
+    (dict(block_m=2), "block_m must be a power of two"),  # below the GQA group (4)
+    (dict(tile_n=8), "tile_n must be a power of two >= 16"),
+    (dict(tile_n=96), "tile_n must be a power of two >= 16"),
+])
+def test_tuning_rejects_bad_values(kwargs, match):
+    from sparse24.kernels import planner
+
+    with pytest.raises(ValueError, match=match):
+        with planner.tuning(**kwargs):
+            plan()
+    assert plan().block_m == 256  # nothing leaked
+
+
+def test_tuning_tile_for_m8():
+    from sparse24.kernels import planner
+
+    with pytest.raises(ValueError, match=">= 32 for M=8"):
+        with planner.tuning(tile_n=16):
+            plan(n=2, m=8)
