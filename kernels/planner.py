@@ -34,6 +34,7 @@ class AttentionPlan:
     tile_n: int  # keys per loop iteration
     num_subtiles: int  # M for N:M configs, 1 for dense
     n_keep: int
+    member_stride: int  # column distance of a group's member halves (selection.tile_key_offsets)
     head_dim: int
     head_dim_pad: int
     num_queries_per_kv: int
@@ -80,6 +81,7 @@ class AttentionPlan:
             TILE_N=self.tile_n,
             NUM_SUBTILES=self.num_subtiles,
             N_KEEP=self.n_keep,
+            MEMBER_STRIDE=self.member_stride,
             IS_CAUSAL=bool(causal),
             USE_WINDOW=bool(use_window),
             USE_SOFTCAP=bool(use_softcap),
@@ -106,14 +108,14 @@ class AttentionPlan:
 
 
 _TUNING: dict = {}
-TUNABLE = ("block_m", "tile_n", "num_warps", "num_stages")
+TUNABLE = ("block_m", "tile_n", "num_warps", "num_stages", "member_stride")
 
 
 @contextlib.contextmanager
 def tuning(**overrides):
     """Override launch parameters of every plan made inside the block (benchmarks, tuning).
 
-    Keys: ``block_m``, ``tile_n``, ``num_warps``, ``num_stages``; a process-wide setting
+    Keys: ``block_m``, ``tile_n``, ``num_warps``, ``num_stages``, ``member_stride``; a process-wide setting
     (not thread-safe), read when a plan is made, so it reaches the torch and JAX launchers
     alike. Results do not depend on these (tiles stay multiples of M); speed does.
     """
@@ -127,6 +129,25 @@ def tuning(**overrides):
     finally:
         _TUNING.clear()
         _TUNING.update(saved)
+
+
+def member_stride_for(*, block_m: int, tile_n: int, num_warps: int, m: int) -> int:
+    """Column stride of a group's member halves that keeps the N:M selection in registers.
+
+    The selection needs column bit 0 and the member bits in one thread's registers of the
+    QK^T accumulator. Hopper's wgmma (>= 64 rows) and mma.sync with the warps along the
+    rows hold column bits 0, 3, 4, ... per thread: stride 8. For a chained dot with fewer
+    rows than keys (decode's 16-row tiles) Triton puts all warps side by side along the
+    columns, each taking interleaved 8-column slices, so the register bits start at
+    ``8 * num_warps``. Checked on the sm_90 TTGIR (no ``convert_layout`` in the loop); a
+    wrong guess costs shared-memory round trips, never correctness.
+    """
+    if m == 1:
+        return 8
+    stride = 8 if (block_m >= 64 or block_m >= tile_n) else 8 * num_warps
+    while stride > 8 and tile_n < stride * (m // 2):
+        stride //= 2
+    return stride
 
 
 def plan_unified_attention(
@@ -179,11 +200,13 @@ def plan_unified_attention(
     block_m = max(block_m, next_power_of_2(qpk), 16)
     block_q = block_m // qpk
 
-    # Keys per iteration (a multiple of M so groups never straddle a tile): 64 with 256-row
-    # tiles, 128 with 128-row tiles (both measured on an H200), else 64 (16 per member for M=8).
+    # Keys per iteration (a multiple of M so groups never straddle a tile). Measured on an
+    # H200 (benchmarks/NOTES.md): 64 with 256-row tiles, 128 with 128-row tiles; decode
+    # (fewer than 64 rows: the GQA group x a few tokens) reads K/V at memory speed with
+    # 128-key tiles, 4 warps, 2 stages, dense and 2:4 alike. fp32 and D > 128 keep 64.
     if block_m >= 256:
         tile_n = 64
-    elif block_m >= 128:
+    elif block_m >= 128 or (block_m < 64 and not is_fp32 and head_dim_pad <= 128):
         tile_n = 128
     elif sparse:
         tile_n = 16 * m
@@ -197,16 +220,27 @@ def plan_unified_attention(
     else:
         num_warps = 4
     num_stages = 2
+    member_stride = None
     if _TUNING:
         block_m = _TUNING.get("block_m", block_m)
         tile_n = _TUNING.get("tile_n", tile_n)
         num_warps = _TUNING.get("num_warps", num_warps)
         num_stages = _TUNING.get("num_stages", num_stages)
+        member_stride = _TUNING.get("member_stride")
         if block_m < max(16, qpk) or block_m & (block_m - 1):
             raise ValueError(f"tuning block_m must be a power of two >= max(16, H_q/H_kv), got {block_m}")
         if tile_n < (32 if num_subtiles == 8 else 16) or tile_n & (tile_n - 1):
             raise ValueError(f"tuning tile_n must be a power of two >= 16 (>= 32 for M=8), got {tile_n}")
         block_q = block_m // qpk
+        if member_stride is not None and (
+            member_stride < 8 or member_stride & (member_stride - 1) or tile_n < member_stride * max(1, num_subtiles // 2)
+        ):
+            raise ValueError(
+                f"tuning member_stride must be a power of two >= 8 with tile_n >= member_stride * M / 2, "
+                f"got {member_stride} (tile_n {tile_n}, M {m})"
+            )
+    if member_stride is None:
+        member_stride = member_stride_for(block_m=block_m, tile_n=tile_n, num_warps=num_warps, m=num_subtiles)
 
     num_q_blocks = num_tokens // block_q + num_seqs
     num_tiles_k = max(1, cdiv(max(max_seqlen_k, 1), tile_n))
@@ -231,6 +265,7 @@ def plan_unified_attention(
         tile_n=tile_n,
         num_subtiles=num_subtiles,
         n_keep=n if sparse else num_subtiles,
+        member_stride=member_stride if sparse else 8,
         head_dim=head_dim,
         head_dim_pad=head_dim_pad,
         num_queries_per_kv=qpk,

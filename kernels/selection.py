@@ -3,18 +3,23 @@
 The unified kernel computes one score tile ``[BLOCK_M, TILE_N]`` per loop iteration with
 one MMA. Its key tile is loaded in a *member-interleaved column order*
 (:func:`tile_key_offsets`) chosen so that the M members of every group land on
-columns that one thread holds in registers in the MMA accumulator layouts of Ampere and
-Hopper (column bit 0 and column bits 3, 4, ...; bits 1-2 are spread over the lanes of a
-quad). The reshape / permute / split below then only relabel registers: Triton's
-linear layouts turn them into no-ops (no shared memory, no shuffles; checked on the
-sm_90 TTGIR), and the selection is elementwise across the M member tensors.
+columns that one thread holds in registers in the MMA accumulator layout: column bit 0
+and the column bits from ``S = log2(MEMBER_STRIDE)`` up (bits 1-2 are spread over the
+lanes of a quad). ``MEMBER_STRIDE`` is 8 for Hopper's wgmma and for mma.sync with the
+warps along the rows; it is ``8 * W`` for mma.sync with ``W`` warps side by side along
+the columns (decode's 16-row tiles), whose warps take interleaved 8-column slices. The
+reshape / permute / split below then only relabel registers: Triton's linear layouts
+turn them into no-ops (no shared memory, no shuffles; checked on the sm_90 TTGIR), and
+the selection is elementwise across the M member tensors. Any stride gives the same
+result (only the speed changes).
 
-Column ``c`` of a tile holds key ``tile_start + offset(c)``:
+Column ``c`` of a tile holds key ``tile_start + offset(c)``. With ``S = MEMBER_STRIDE``
+and ``c = e + 2 * lo + S * rest`` (``e`` one bit, ``lo < S / 2``):
 
-* M = 4: ``c = 16a + 8b + 2l + e``  ->  key ``16a + 4l + 2b + e``
-  (group ``4a + l``, member ``2b + e``);
-* M = 8: ``c = 32a + 16f + 8b + 2l + e``  ->  key ``32a + 8l + 4f + 2b + e``
-  (group ``4a + l``, member ``4f + 2b + e``);
+* M = 4: ``rest = b + 2 * hi``  ->  key ``4 * (hi * S / 2 + lo) + 2b + e``
+  (group ``hi * S / 2 + lo``, member ``2b + e``); for S = 8,
+  ``c = 16a + 8b + 2l + e -> 16a + 4l + 2b + e``;
+* M = 8: ``rest = b + 2f + 4 * hi``  ->  key ``8 * (hi * S / 2 + lo) + 4f + 2b + e``;
 * dense (M = 1): ``c`` -> key ``c``.
 
 A group is always 4 (8) consecutive absolute keys inside one tile, as the spec asks.
@@ -43,13 +48,18 @@ import triton.language as tl
 
 
 @triton.jit
-def tile_key_offsets(TILE_N: tl.constexpr, M: tl.constexpr):
+def tile_key_offsets(TILE_N: tl.constexpr, M: tl.constexpr, MEMBER_STRIDE: tl.constexpr):
     """Key offset (within the tile) held by each column, [TILE_N] int32 (see module doc)."""
     c = tl.arange(0, TILE_N)
+    HALF: tl.constexpr = MEMBER_STRIDE // 2  # groups per stride (column bits 1 .. S-1)
     if M == 4:
-        offs = (c // 16) * 16 + ((c // 2) % 4) * 4 + ((c // 8) % 2) * 2 + c % 2
+        tl.static_assert(TILE_N >= 2 * MEMBER_STRIDE, "M=4 needs TILE_N >= 2 * MEMBER_STRIDE")
+        group = (c // (2 * MEMBER_STRIDE)) * HALF + (c // 2) % HALF
+        offs = group * 4 + ((c // MEMBER_STRIDE) % 2) * 2 + c % 2
     elif M == 8:
-        offs = (c // 32) * 32 + ((c // 2) % 4) * 8 + ((c // 16) % 2) * 4 + ((c // 8) % 2) * 2 + c % 2
+        tl.static_assert(TILE_N >= 4 * MEMBER_STRIDE, "M=8 needs TILE_N >= 4 * MEMBER_STRIDE")
+        group = (c // (4 * MEMBER_STRIDE)) * HALF + (c // 2) % HALF
+        offs = group * 8 + ((c // (2 * MEMBER_STRIDE)) % 2) * 4 + ((c // MEMBER_STRIDE) % 2) * 2 + c % 2
     else:
         tl.static_assert(M == 1, "M must be 1 (dense), 4 or 8")
         offs = c
@@ -57,10 +67,10 @@ def tile_key_offsets(TILE_N: tl.constexpr, M: tl.constexpr):
 
 
 @triton.jit
-def split4(x, BLOCK_M: tl.constexpr, TILE_N: tl.constexpr):
+def split4(x, BLOCK_M: tl.constexpr, TILE_N: tl.constexpr, MEMBER_STRIDE: tl.constexpr):
     """[BLOCK_M, TILE_N] in M=4 column order -> members 0..3, each [BLOCK_M, TILE_N // 4]."""
-    x = tl.reshape(x, [BLOCK_M, TILE_N // 16, 2, 4, 2])  # (row, a, b, l, e)
-    x = tl.permute(x, [0, 1, 3, 2, 4])  # (row, a, l, b, e)
+    x = tl.reshape(x, [BLOCK_M, TILE_N // (2 * MEMBER_STRIDE), 2, MEMBER_STRIDE // 2, 2])  # (row, hi, b, lo, e)
+    x = tl.permute(x, [0, 1, 3, 2, 4])  # (row, hi, lo, b, e)
     x = tl.reshape(x, [BLOCK_M, TILE_N // 4, 2, 2])  # (row, group, b, e)
     e0, e1 = tl.split(x)  # (row, group, b)
     x0, x2 = tl.split(e0)
@@ -69,19 +79,19 @@ def split4(x, BLOCK_M: tl.constexpr, TILE_N: tl.constexpr):
 
 
 @triton.jit
-def join4(x0, x1, x2, x3, BLOCK_M: tl.constexpr, TILE_N: tl.constexpr):
+def join4(x0, x1, x2, x3, BLOCK_M: tl.constexpr, TILE_N: tl.constexpr, MEMBER_STRIDE: tl.constexpr):
     """Inverse of :func:`split4`."""
     x = tl.join(tl.join(x0, x2), tl.join(x1, x3))  # (row, group, b, e)
-    x = tl.reshape(x, [BLOCK_M, TILE_N // 16, 4, 2, 2])  # (row, a, l, b, e)
-    x = tl.permute(x, [0, 1, 3, 2, 4])  # (row, a, b, l, e)
+    x = tl.reshape(x, [BLOCK_M, TILE_N // (2 * MEMBER_STRIDE), MEMBER_STRIDE // 2, 2, 2])  # (row, hi, lo, b, e)
+    x = tl.permute(x, [0, 1, 3, 2, 4])  # (row, hi, b, lo, e)
     return tl.reshape(x, [BLOCK_M, TILE_N])
 
 
 @triton.jit
-def _split8(x, BLOCK_M: tl.constexpr, TILE_N: tl.constexpr):
+def _split8(x, BLOCK_M: tl.constexpr, TILE_N: tl.constexpr, MEMBER_STRIDE: tl.constexpr):
     """[BLOCK_M, TILE_N] in M=8 column order -> members 0..7, each [BLOCK_M, TILE_N // 8]."""
-    x = tl.reshape(x, [BLOCK_M, TILE_N // 32, 2, 2, 4, 2])  # (row, a, f, b, l, e)
-    x = tl.permute(x, [0, 1, 4, 2, 3, 5])  # (row, a, l, f, b, e)
+    x = tl.reshape(x, [BLOCK_M, TILE_N // (4 * MEMBER_STRIDE), 2, 2, MEMBER_STRIDE // 2, 2])  # (row, hi, f, b, lo, e)
+    x = tl.permute(x, [0, 1, 4, 2, 3, 5])  # (row, hi, lo, f, b, e)
     x = tl.reshape(x, [BLOCK_M, TILE_N // 8, 2, 2, 2])  # (row, group, f, b, e)
     e0, e1 = tl.split(x)  # (row, group, f, b)
     e0b0, e0b1 = tl.split(e0)  # (row, group, f)
@@ -94,13 +104,13 @@ def _split8(x, BLOCK_M: tl.constexpr, TILE_N: tl.constexpr):
 
 
 @triton.jit
-def _join8(x0, x1, x2, x3, x4, x5, x6, x7, BLOCK_M: tl.constexpr, TILE_N: tl.constexpr):
+def _join8(x0, x1, x2, x3, x4, x5, x6, x7, BLOCK_M: tl.constexpr, TILE_N: tl.constexpr, MEMBER_STRIDE: tl.constexpr):
     """Inverse of :func:`_split8`."""
     e0 = tl.join(tl.join(x0, x4), tl.join(x2, x6))  # e = 0: (row, group, f, b)
     e1 = tl.join(tl.join(x1, x5), tl.join(x3, x7))
     x = tl.join(e0, e1)  # (row, group, f, b, e)
-    x = tl.reshape(x, [BLOCK_M, TILE_N // 32, 4, 2, 2, 2])  # (row, a, l, f, b, e)
-    x = tl.permute(x, [0, 1, 3, 4, 2, 5])  # (row, a, f, b, l, e)
+    x = tl.reshape(x, [BLOCK_M, TILE_N // (4 * MEMBER_STRIDE), MEMBER_STRIDE // 2, 2, 2, 2])  # (row, hi, lo, f, b, e)
+    x = tl.permute(x, [0, 1, 3, 4, 2, 5])  # (row, hi, f, b, lo, e)
     return tl.reshape(x, [BLOCK_M, TILE_N])
 
 
@@ -184,18 +194,19 @@ def select_of_8(s0, s1, s2, s3, s4, s5, s6, s7, N_KEEP: tl.constexpr):
 
 
 @triton.jit
-def select_tile(score, N_KEEP: tl.constexpr, M: tl.constexpr, BLOCK_M: tl.constexpr, TILE_N: tl.constexpr):
+def select_tile(score, N_KEEP: tl.constexpr, M: tl.constexpr, BLOCK_M: tl.constexpr, TILE_N: tl.constexpr,
+                MEMBER_STRIDE: tl.constexpr):
     """Selected flags of a score tile in :func:`tile_key_offsets` column order.
 
     score: [BLOCK_M, TILE_N] fp32 (invisible entries already -inf). Returns [BLOCK_M, TILE_N] bool.
     """
     if M == 4:
-        s0, s1, s2, s3 = split4(score, BLOCK_M, TILE_N)
+        s0, s1, s2, s3 = split4(score, BLOCK_M, TILE_N, MEMBER_STRIDE)
         k0, k1, k2, k3 = select_of_4(s0, s1, s2, s3, N_KEEP)
-        keep = join4(k0, k1, k2, k3, BLOCK_M, TILE_N)
+        keep = join4(k0, k1, k2, k3, BLOCK_M, TILE_N, MEMBER_STRIDE)
     else:
         tl.static_assert(M == 8, "M must be 4 or 8")
-        s0, s1, s2, s3, s4, s5, s6, s7 = _split8(score, BLOCK_M, TILE_N)
+        s0, s1, s2, s3, s4, s5, s6, s7 = _split8(score, BLOCK_M, TILE_N, MEMBER_STRIDE)
         k0, k1, k2, k3, k4, k5, k6, k7 = select_of_8(s0, s1, s2, s3, s4, s5, s6, s7, N_KEEP)
-        keep = _join8(k0, k1, k2, k3, k4, k5, k6, k7, BLOCK_M, TILE_N)
+        keep = _join8(k0, k1, k2, k3, k4, k5, k6, k7, BLOCK_M, TILE_N, MEMBER_STRIDE)
     return keep

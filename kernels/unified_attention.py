@@ -19,9 +19,9 @@ How (differences from its ancestor, vLLM's ``triton_unified_attention``):
   units (``cu_seqlens_q[b] // BLOCK_Q + b``); surplus programs exit at once.
 * One MMA per key tile (``TILE_N`` keys) for QK^T and one for PV, dense or sparse. For
   N:M the key tile is loaded in a member-interleaved column order
-  (``selection.tile_key_offsets``) so the M members of each group sit in one thread's
-  registers; the selection is then elementwise after register-only reshapes
-  (``selection.select_tile``). Tiles start at multiples of ``TILE_N`` (a multiple of
+  (``selection.tile_key_offsets``, its member stride from the planner to match the MMA
+  layout) so the M members of each group sit in one thread's registers; the selection
+  is then elementwise after register-only reshapes (``selection.select_tile``). Tiles start at multiples of ``TILE_N`` (a multiple of
   M), so a group never straddles a tile, a page or a split-KV segment.
 * Selection runs on the raw dot product (or on the soft-capped score): the positive scale
   cannot change the order, and one rounding less keeps fp32 decisions closest to the
@@ -137,6 +137,7 @@ def _attend_tile(
     TILE_N: tl.constexpr,
     NUM_SUBTILES: tl.constexpr,
     N_KEEP: tl.constexpr,
+    MEMBER_STRIDE: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr,
     MASKED: tl.constexpr,  # False: every key of the tile is visible to every row, none is in a dense region
@@ -178,7 +179,7 @@ def _attend_tile(
             visible = visible & (query_pos[:, None] - key_idx[None, :] < window)
         score = tl.where(visible, score, float("-inf"))
     if N_KEEP < NUM_SUBTILES:
-        keep = select_tile(score, N_KEEP, NUM_SUBTILES, BLOCK_M, TILE_N)
+        keep = select_tile(score, N_KEEP, NUM_SUBTILES, BLOCK_M, TILE_N, MEMBER_STRIDE)
         if MASKED:  # dense regions only reach masked tiles (the caller routes them there)
             keep = keep | row_dense
             if USE_SINK:
@@ -257,6 +258,7 @@ def unified_attention_kernel(
     TILE_N: tl.constexpr,  # keys per loop iteration
     NUM_SUBTILES: tl.constexpr,  # M for N:M configs, 1 for dense
     N_KEEP: tl.constexpr,  # N (== NUM_SUBTILES: no selection)
+    MEMBER_STRIDE: tl.constexpr,  # column distance of a group's member halves (selection.tile_key_offsets)
     IS_CAUSAL: tl.constexpr,
     USE_WINDOW: tl.constexpr,
     USE_SOFTCAP: tl.constexpr,
@@ -295,7 +297,7 @@ def unified_attention_kernel(
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     dim_valid = offs_d < HEAD_DIM
-    key_offs = tile_key_offsets(TILE_N, NUM_SUBTILES)  # [TILE_N]
+    key_offs = tile_key_offsets(TILE_N, NUM_SUBTILES, MEMBER_STRIDE)  # [TILE_N]
 
     query_local = q_block_local * BLOCK_Q + offs_m // NUM_QUERIES_PER_KV  # [BLOCK_M]
     q_head = kv_head * NUM_QUERIES_PER_KV + offs_m % NUM_QUERIES_PER_KV  # [BLOCK_M]
@@ -365,7 +367,7 @@ def unified_attention_kernel(
                 softcap, window, dense_sink_tokens, dense_recent_tokens, stride_bt_page,
                 stride_kc_block, stride_kc_slot, stride_kc_head, stride_kc_dim,
                 stride_vc_block, stride_vc_slot, stride_vc_head, stride_vc_dim, offs_d,
-                PAGE_SIZE, BLOCK_M, TILE_N, NUM_SUBTILES, N_KEEP, HEAD_DIM, HEAD_DIM_PAD, True, IS_CAUSAL, USE_WINDOW,
+                PAGE_SIZE, BLOCK_M, TILE_N, NUM_SUBTILES, N_KEEP, MEMBER_STRIDE, HEAD_DIM, HEAD_DIM_PAD, True, IS_CAUSAL, USE_WINDOW,
                 USE_SOFTCAP, USE_SINK, USE_RECENT, UPCAST_OPERANDS, DOT_PRECISION)
     for tile in range(mid_lo, mid_hi):
         acc, m_i, l_i = _attend_tile(
@@ -374,7 +376,7 @@ def unified_attention_kernel(
             softcap, window, dense_sink_tokens, dense_recent_tokens, stride_bt_page,
             stride_kc_block, stride_kc_slot, stride_kc_head, stride_kc_dim,
             stride_vc_block, stride_vc_slot, stride_vc_head, stride_vc_dim, offs_d,
-            PAGE_SIZE, BLOCK_M, TILE_N, NUM_SUBTILES, N_KEEP, HEAD_DIM, HEAD_DIM_PAD, False, IS_CAUSAL, USE_WINDOW,
+            PAGE_SIZE, BLOCK_M, TILE_N, NUM_SUBTILES, N_KEEP, MEMBER_STRIDE, HEAD_DIM, HEAD_DIM_PAD, False, IS_CAUSAL, USE_WINDOW,
             USE_SOFTCAP, USE_SINK, USE_RECENT, UPCAST_OPERANDS, DOT_PRECISION)
     for tile in range(mid_hi, tile_hi):
         acc, m_i, l_i = _attend_tile(
@@ -383,7 +385,7 @@ def unified_attention_kernel(
             softcap, window, dense_sink_tokens, dense_recent_tokens, stride_bt_page,
             stride_kc_block, stride_kc_slot, stride_kc_head, stride_kc_dim,
             stride_vc_block, stride_vc_slot, stride_vc_head, stride_vc_dim, offs_d,
-            PAGE_SIZE, BLOCK_M, TILE_N, NUM_SUBTILES, N_KEEP, HEAD_DIM, HEAD_DIM_PAD, True, IS_CAUSAL, USE_WINDOW,
+            PAGE_SIZE, BLOCK_M, TILE_N, NUM_SUBTILES, N_KEEP, MEMBER_STRIDE, HEAD_DIM, HEAD_DIM_PAD, True, IS_CAUSAL, USE_WINDOW,
             USE_SOFTCAP, USE_SINK, USE_RECENT, UPCAST_OPERANDS, DOT_PRECISION)
 
     if NUM_SEGMENTS == 1:

@@ -27,6 +27,7 @@ from sparse24.kernels import (
 )
 
 TARGET = GPUTarget("cuda", 90, 32)
+MAX_SHARED_BYTES = 232448  # opt-in shared memory per block on H100 / H200 (227 KiB); more fails at launch
 TRITON_DTYPE = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 FLOAT_SCALARS = {"softmax_scale", "softcap"}
 FP32_POINTERS = {"lse_ptr", "segm_acc_ptr", "segm_max_ptr", "segm_sum_ptr"}
@@ -77,7 +78,10 @@ def compile_one(kernel, dtype: str, constexprs: dict, label: str, float_scalar: 
                     attrs=attrs)
     compiled = triton.compile(src, target=TARGET, options=options)
     assert compiled.asm.get("cubin"), label
-    print(f"ok {label} ({time.time() - start:.1f}s)", flush=True)
+    shared = compiled.metadata.shared
+    if shared > MAX_SHARED_BYTES:
+        raise RuntimeError(f"{label}: needs {shared} bytes of shared memory, sm_90 allows {MAX_SHARED_BYTES}")
+    print(f"ok {label} ({time.time() - start:.1f}s, {shared} B shared)", flush=True)
 
 
 def attention_specializations():
@@ -108,7 +112,8 @@ def main() -> int:
         plan = plan_unified_attention(num_tokens=4096, num_seqs=8, dtype=dtype, max_seqlen_k=4096, **plan_kwargs)
         on = ",".join(k for k, v in flags.items() if v is True)
         label = (f"unified_attention {dtype} n:m={plan_kwargs['n']}:{plan_kwargs['m']} D={plan_kwargs['head_dim']} "
-                 f"BLOCK_M={plan.block_m} TILE_N={plan.tile_n} segments={plan.num_segments} [{on}]")
+                 f"BLOCK_M={plan.block_m} TILE_N={plan.tile_n} "
+                 f"segments={plan.num_segments} [{on}]")
         compile_one(unified_attention_kernel, dtype, plan.kernel_constexprs(**flags), label)
         count += 1
         key = (dtype, plan.head_dim, plan.num_segments, flags["store_lse"])

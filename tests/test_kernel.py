@@ -135,7 +135,8 @@ def test_kernel_long_context_decisions(kernel_backend, config):
 @pytest.mark.parametrize(
     "tune",
     [dict(block_m=64, tile_n=64), dict(block_m=128, tile_n=64), dict(block_m=128, tile_n=128),
-     dict(block_m=32, tile_n=256), dict(tile_n=32, num_warps=2)],
+     dict(block_m=32, tile_n=256), dict(tile_n=32, num_warps=2), dict(tile_n=128, member_stride=32),
+     dict(block_m=16, tile_n=64, member_stride=16),],
     ids=lambda t: ",".join(f"{k}={v}" for k, v in t.items()),
 )
 def test_launch_parameters_do_not_change_results(kernel_backend, tune):

@@ -270,8 +270,8 @@ def test_split_count_at_most_key_tiles():
 
 
 def test_split_never_exceeds_key_tiles():
-    p = decode(num_seqs=1, num_tokens=1, max_seqlen_k=100, num_sms=132)  # 2:4, tile_n 64 -> 2 tiles
-    assert p.tile_n == 64 and p.num_segments == 2
+    p = decode(num_seqs=1, num_tokens=1, max_seqlen_k=200, num_sms=132)  # 2:4, tile_n 128 -> 2 tiles
+    assert p.tile_n == 128 and p.num_segments == 2
     assert decode(num_seqs=1, num_tokens=1, max_seqlen_k=1, num_sms=132).num_segments == 1
 
 
@@ -400,3 +400,39 @@ def test_tuning_tile_for_m8():
     with pytest.raises(ValueError, match=">= 32 for M=8"):
         with planner.tuning(tile_n=16):
             plan(n=2, m=8)
+
+
+@pytest.mark.parametrize("block_m, tile_n, num_warps, m, stride", [
+    (256, 64, 16, 4, 8),  # wgmma, warps along the rows
+    (128, 128, 8, 8, 8),
+    (16, 64, 4, 4, 32),  # decode: 4 warps side by side along the keys -> register bits from 32
+    (16, 64, 2, 4, 16),
+    (16, 128, 8, 4, 64),
+    (16, 64, 8, 4, 32),  # capped: M=4 needs tile_n >= 2 * stride
+    (16, 128, 4, 8, 32),
+    (16, 64, 4, 8, 16),  # capped: M=8 needs tile_n >= 4 * stride
+    (32, 32, 4, 4, 8),  # rows >= keys: warps along the rows
+    (16, 64, 4, 1, 8),  # dense: unused, fixed
+])
+def test_member_stride_rule(block_m, tile_n, num_warps, m, stride):
+    from sparse24.kernels.planner import member_stride_for
+
+    got = member_stride_for(block_m=block_m, tile_n=tile_n, num_warps=num_warps, m=m)
+    assert got == stride
+    assert m == 1 or tile_n >= got * (m // 2)
+
+
+def test_decode_plan_member_stride_and_tuning():
+    from sparse24.kernels import planner
+
+    p = plan(num_tokens=8, num_seqs=8, max_seqlen_q=1)
+    assert (p.block_m, p.tile_n, p.num_warps, p.num_stages, p.member_stride) == (16, 128, 4, 2, 32)
+    assert p.kernel_constexprs(**FLAGS)["MEMBER_STRIDE"] == 32
+    assert plan(n=4, m=4, num_tokens=8, num_seqs=8, max_seqlen_q=1).member_stride == 8
+    with planner.tuning(member_stride=16):
+        assert plan(num_tokens=8, num_seqs=8, max_seqlen_q=1).member_stride == 16
+    assert plan(num_tokens=8, num_seqs=8, max_seqlen_q=1, dtype="float32").tile_n == 64  # fp32 keeps 64
+    for bad in (4, 24, 128):  # not a power of two >= 8, or tile_n 128 < 128 * 2
+        with pytest.raises(ValueError, match="member_stride"):
+            with planner.tuning(member_stride=bad):
+                plan(num_tokens=8, num_seqs=8, max_seqlen_q=1)

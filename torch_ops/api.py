@@ -25,7 +25,12 @@ from sparse24.validation import (
     resolve_config,
 )
 
-from ._launch import unified_attention_op, write_kv_cache_op  # noqa: F401  (registers the ops)
+from ._launch import (  # noqa: F401  (importing registers the ops)
+    launch_unified_attention,
+    launch_write_kv_cache,
+    unified_attention_op,
+    write_kv_cache_op,
+)
 
 
 def _check_tensors(optional: tuple[str, ...] = (), **tensors: torch.Tensor | None) -> torch.device:
@@ -41,6 +46,11 @@ def _check_tensors(optional: tuple[str, ...] = (), **tensors: torch.Tensor | Non
         elif t.device != device:
             raise ValueError(f"{name} must be on the device of {first} ({device}), got {t.device}")
     return device
+
+
+def _eager(*tensors: torch.Tensor) -> bool:
+    """Plain tensors outside torch.compile: launch directly, without the op dispatcher."""
+    return not torch.compiler.is_compiling() and all(type(t) is torch.Tensor for t in tensors)
 
 
 def _can_sync() -> bool:
@@ -157,12 +167,16 @@ def unified_attention(
     else:
         lse = torch.empty((1, 1), dtype=torch.float32, device=device)
     if dims.num_tokens > 0:
-        torch.ops.sparse24.unified_attention(
+        args = (
             q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, out, lse,
             cfg.n, cfg.m, cfg.dense_sink_tokens, cfg.dense_recent_tokens, cfg.sparse_decode,
             bool(causal), opts.softmax_scale, opts.window, opts.softcap,
             int(max_seqlen_q), int(max_seqlen_k), int(num_kv_splits or 0), return_lse,
         )
+        if _eager(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, out):
+            launch_unified_attention(*args, direct=True)
+        else:
+            torch.ops.sparse24.unified_attention(*args)
     return (out, lse) if return_lse else out
 
 
@@ -268,6 +282,8 @@ def write_kv_cache(
         block_size = k_cache.shape[1]
         k_cache[slots // block_size, slots % block_size] = k[valid]
         v_cache[slots // block_size, slots % block_size] = v[valid]
+    elif _eager(k, v, k_cache, v_cache, slot_mapping):
+        launch_write_kv_cache(k, v, k_cache, v_cache, slot_mapping, direct=True)
     else:
         torch.ops.sparse24.write_kv_cache(k, v, k_cache, v_cache, slot_mapping)
     return k_cache, v_cache
