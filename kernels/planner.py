@@ -233,11 +233,13 @@ def plan_unified_attention(
             raise ValueError(f"tuning tile_n must be a power of two >= 16 (>= 32 for M=8), got {tile_n}")
         block_q = block_m // qpk
         if member_stride is not None and (
-            member_stride < 8 or member_stride & (member_stride - 1) or tile_n < member_stride * max(1, num_subtiles // 2)
+            member_stride < 8
+            or member_stride & (member_stride - 1)
+            or tile_n < member_stride * max(1, num_subtiles // 2)
         ):
             raise ValueError(
                 f"tuning member_stride must be a power of two >= 8 with tile_n >= member_stride * M / 2, "
-                f"got {member_stride} (tile_n {tile_n}, M {m})"
+                f"got {member_stride} (tile_n {tile_n}, M {num_subtiles})"
             )
     if member_stride is None:
         member_stride = member_stride_for(block_m=block_m, tile_n=tile_n, num_warps=num_warps, m=num_subtiles)

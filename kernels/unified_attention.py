@@ -21,8 +21,9 @@ How (differences from its ancestor, vLLM's ``triton_unified_attention``):
   N:M the key tile is loaded in a member-interleaved column order
   (``selection.tile_key_offsets``, its member stride from the planner to match the MMA
   layout) so the M members of each group sit in one thread's registers; the selection
-  is then elementwise after register-only reshapes (``selection.select_tile``). Tiles start at multiples of ``TILE_N`` (a multiple of
-  M), so a group never straddles a tile, a page or a split-KV segment.
+  is then elementwise after register-only reshapes (``selection.select_tile``). Tiles
+  start at multiples of ``TILE_N`` (a multiple of M), so a group never straddles a
+  tile, a page or a split-KV segment.
 * Selection runs on the raw dot product (or on the soft-capped score): the positive scale
   cannot change the order, and one rounding less keeps fp32 decisions closest to the
   float64 spec. The softmax runs in log2 units (``exp2``, scale folded into one multiply).

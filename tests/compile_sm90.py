@@ -82,6 +82,7 @@ def compile_one(kernel, dtype: str, constexprs: dict, label: str, float_scalar: 
     if shared > MAX_SHARED_BYTES:
         raise RuntimeError(f"{label}: needs {shared} bytes of shared memory, sm_90 allows {MAX_SHARED_BYTES}")
     print(f"ok {label} ({time.time() - start:.1f}s, {shared} B shared)", flush=True)
+    return compiled
 
 
 def attention_specializations():
@@ -105,8 +106,44 @@ def attention_specializations():
         yield dtype, dict(n=n, m=m, head_dim=128, max_seqlen_q=1, num_q_heads=32, num_kv_heads=8, num_sms=132), full
 
 
+def selection_stays_in_registers() -> int:
+    """The N:M selection adds no layout conversion (shared-memory round trip) to the dense
+    kernel of the same tiles, for decode (16-row mma.sync tiles, warps along the keys) and
+    prefill (wgmma) plans; a decode plan forced to the prefill member stride must add some
+    (so the comparison can fail). Returns the number of compiles."""
+    from sparse24.kernels import planner
+
+    flags = dict(page_size=16, causal=True, use_window=False, use_softcap=False, use_sink=False, use_recent=True,
+                 sparse_decode=True, store_lse=False)
+
+    def conversions(n, m, max_seqlen_q, label, **tune):
+        with planner.tuning(**tune):
+            plan = plan_unified_attention(num_tokens=64, num_seqs=8, num_q_heads=32, num_kv_heads=8, head_dim=128,
+                                          dtype="bfloat16", n=n, m=m, max_seqlen_q=max_seqlen_q, max_seqlen_k=4096,
+                                          num_sms=132)
+        compiled = compile_one(unified_attention_kernel, "bfloat16", plan.kernel_constexprs(**flags),
+                               f"{label} BLOCK_M={plan.block_m} TILE_N={plan.tile_n} warps={plan.num_warps} "
+                               f"member_stride={plan.member_stride}")
+        return compiled.asm["ttgir"].count("ttg.convert_layout")
+
+    for max_seqlen_q, what in ((1, "decode"), (512, "prefill")):
+        dense = conversions(4, 4, max_seqlen_q, f"{what} dense")
+        for n, m in ((2, 4), (2, 8)):
+            sparse = conversions(n, m, max_seqlen_q, f"{what} {n}:{m}")
+            if sparse != dense:
+                raise RuntimeError(f"{what} {n}:{m}: {sparse} convert_layout ops vs {dense} for dense: the "
+                                   "selection's member order does not match the MMA layout (planner.member_stride_for)")
+    forced = conversions(2, 4, 1, "decode 2:4 with the prefill member stride", member_stride=8)
+    dense = conversions(4, 4, 1, "decode dense (same tiles)")
+    if forced <= dense:
+        raise RuntimeError("a decode plan with member stride 8 should need layout conversions; the check is blind")
+    print(f"selection in registers: decode and prefill 2:4 / 2:8 add no convert_layout "
+          f"(stride 8 on decode would add {forced - dense})", flush=True)
+    return 9
+
+
 def main() -> int:
-    count = 0
+    count = selection_stays_in_registers()
     reduce_done = set()
     for dtype, plan_kwargs, flags in attention_specializations():
         plan = plan_unified_attention(num_tokens=4096, num_seqs=8, dtype=dtype, max_seqlen_k=4096, **plan_kwargs)

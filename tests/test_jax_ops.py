@@ -48,7 +48,7 @@ def to_jax(inputs: PagedInputs) -> list:
 
 
 def to_torch(x) -> torch.Tensor:
-    return torch.from_numpy(np.asarray(jnp.asarray(x, jnp.float32)))
+    return torch.from_numpy(np.array(jnp.asarray(x, jnp.float32)))  # a writable copy
 
 
 BASE = dict(q_lens=(9, 1, 23, 1), kv_lens=(41, 30, 23, 1))
