@@ -4,9 +4,15 @@ Triton decides interpreted-or-compiled for the whole process at import time. Wit
 CUDA GPU we set ``TRITON_INTERPRET=1`` here, first, so the kernel tests run the real
 kernel source in Triton's CPU interpreter; with a GPU the kernels are compiled. An
 explicit ``TRITON_INTERPRET`` in the environment always wins.
+
+JAX would reserve 75% of the GPU at its first use; torch and JAX share the GPU in these
+tests (and several pytest-xdist workers share it too), so JAX allocates on demand here
+unless the environment says otherwise.
 """
 
 import os
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 if "TRITON_INTERPRET" not in os.environ:
     import torch
