@@ -7,10 +7,10 @@ kernel objects are called directly from an opaque ``torch.library.custom_op``. A
 math comes from ``sparse24.kernels.planner``.
 
 Eager calls on plain tensors skip the op dispatcher: ``launch_unified_attention`` /
-``launch_write_kv_cache`` (the ops' bodies) launch the kernels directly, which saves the
-custom-op machinery's host time per call (decode steps are short; see
-benchmarks/NOTES.md). Under ``torch.compile`` and on tensor subclasses the public
-functions go through ``torch.ops.sparse24.*``.
+``launch_write_kv_cache`` (the functions the ops are made from) with ``direct=True`` launch
+the kernels directly, which saves the custom-op machinery's host time per call (decode
+steps are short; see benchmarks/NOTES.md). Under ``torch.compile`` and on tensor
+subclasses the public functions go through ``torch.ops.sparse24.*``.
 """
 
 from __future__ import annotations
@@ -32,8 +32,10 @@ from sparse24.kernels import (
 INTERPRETED = kernels_interpreted()  # decided once per process, before any tracing
 
 
-def _launcher(kernel):
-    return kernel if INTERPRETED else torch.library.wrap_triton(kernel)
+def _launcher(kernel, direct: bool = False):
+    """The kernel as the launch sees it: raw for interpreted or ``direct`` (eager, outside
+    the op dispatcher) launches, else wrapped so torch.compile can trace it."""
+    return kernel if INTERPRETED or direct else torch.library.wrap_triton(kernel)
 
 
 # Compiled kernels: ``triton_op``, which torch.compile decomposes into the wrapped Triton
@@ -84,8 +86,8 @@ def launch_unified_attention(
 ) -> None:
     """Launch the unified kernel on validated inputs; writes ``out`` [T, H_q, D] and
     (when ``store_lse``) ``lse`` [T, H_q] fp32. ``num_kv_splits`` 0 = planner's choice.
-    ``direct``: launch the raw Triton kernels (eager calls outside the op dispatcher)."""
-    launcher = (lambda kernel: kernel) if direct else _launcher
+    ``direct``: launch the raw Triton kernels (eager calls outside the op dispatcher; the
+    op itself always runs with the default False)."""
     num_tokens, num_q_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
     num_seqs = seq_lens.shape[0]
@@ -112,7 +114,7 @@ def launch_unified_attention(
         segm_sum = torch.empty_like(segm_max)
     else:
         segm_acc = segm_max = segm_sum = torch.empty((1,), dtype=torch.float32, device=q.device)
-    launcher(unified_attention_kernel)[plan.grid](
+    _launcher(unified_attention_kernel, direct)[plan.grid](
         q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens,
         out, lse, segm_acc, segm_max, segm_sum,
         softmax_scale, softcap, window, dense_sink_tokens, dense_recent_tokens,
@@ -135,45 +137,13 @@ def launch_unified_attention(
         ),
     )
     if plan.is_split:
-        launcher(reduce_segments_kernel)[plan.reduce_grid](
+        _launcher(reduce_segments_kernel, direct)[plan.reduce_grid](
             segm_acc, segm_max, segm_sum,
             out, lse,
             out.stride(0), out.stride(1), out.stride(2),
             lse.stride(0), lse.stride(-1),
             **plan.reduce_constexprs(store_lse=store_lse),
         )
-
-
-@_register_op("sparse24::unified_attention", mutates_args={"out", "lse"})
-def unified_attention_op(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    block_table: torch.Tensor,
-    cu_seqlens_q: torch.Tensor,
-    seq_lens: torch.Tensor,
-    out: torch.Tensor,
-    lse: torch.Tensor,
-    n: int,
-    m: int,
-    dense_sink_tokens: int,
-    dense_recent_tokens: int,
-    sparse_decode: bool,
-    causal: bool,
-    softmax_scale: float,
-    window: int,
-    softcap: float,
-    max_seqlen_q: int,
-    max_seqlen_k: int,
-    num_kv_splits: int,
-    store_lse: bool,
-) -> None:
-    """The op form of :func:`launch_unified_attention` (torch.compile, tensor subclasses)."""
-    launch_unified_attention(
-        q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, out, lse, n, m, dense_sink_tokens,
-        dense_recent_tokens, sparse_decode, causal, softmax_scale, window, softcap, max_seqlen_q, max_seqlen_k,
-        num_kv_splits, store_lse,
-    )
 
 
 def launch_write_kv_cache(
@@ -185,12 +155,11 @@ def launch_write_kv_cache(
     direct: bool = False,
 ) -> None:
     """Scatter k/v [T, H_kv, D] into the caches at ``slot_mapping`` [T] (negative = skip)."""
-    launcher = (lambda kernel: kernel) if direct else _launcher
     num_tokens, num_kv_heads, head_dim = k.shape
     plan = plan_write_kv_cache(num_tokens=num_tokens, num_kv_heads=num_kv_heads, head_dim=head_dim)
     if num_tokens == 0:
         return
-    launcher(write_kv_cache_kernel)[plan.grid](
+    _launcher(write_kv_cache_kernel, direct)[plan.grid](
         k, v, slot_mapping, k_cache, v_cache,
         k_cache, v_cache,
         k_cache.shape[1],
@@ -204,16 +173,14 @@ def launch_write_kv_cache(
     )
 
 
-@_register_op("sparse24::write_kv_cache", mutates_args={"k_cache", "v_cache"})
-def write_kv_cache_op(
-    k: torch.Tensor,
-    v: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    slot_mapping: torch.Tensor,
-) -> None:
-    """The op form of :func:`launch_write_kv_cache`."""
-    launch_write_kv_cache(k, v, k_cache, v_cache, slot_mapping)
+# The ops are the launch functions themselves (their schema carries ``direct``, always False
+# through the ops): one signature and one body for the op and the direct eager path.
+unified_attention_op = _register_op("sparse24::unified_attention", mutates_args={"out", "lse"})(
+    launch_unified_attention
+)
+write_kv_cache_op = _register_op("sparse24::write_kv_cache", mutates_args={"k_cache", "v_cache"})(
+    launch_write_kv_cache
+)
 
 
 if INTERPRETED:

@@ -25,12 +25,7 @@ from sparse24.validation import (
     resolve_config,
 )
 
-from ._launch import (  # noqa: F401  (importing registers the ops)
-    launch_unified_attention,
-    launch_write_kv_cache,
-    unified_attention_op,
-    write_kv_cache_op,
-)
+from ._launch import launch_unified_attention, launch_write_kv_cache  # importing registers the ops
 
 
 def _check_tensors(optional: tuple[str, ...] = (), **tensors: torch.Tensor | None) -> torch.device:
