@@ -236,28 +236,36 @@ def test_shard_map_over_heads_on_four_cpu_devices(tmp_path):
     assert "ok interpret" in proc.stdout and "ok reference" in proc.stdout
 
 
+BIT_IDENTITY_CASES = [
+    dict(q_lens=(300,), kv_lens=(300,)),  # prefill
+    dict(q_lens=(1,) * 16, kv_lens=tuple(range(500, 4500, 250))),  # decode
+    dict(q_lens=(1, 64, 1, 200), kv_lens=(4000, 64, 129, 1000)),  # mixed
+]
+BIT_IDENTITY_CONFIGS = ("2:4", "dense", "4:8,sink=4,recent=0")
+BIT_IDENTITY_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+# Each combination is two compiles (torch and jax-triton), so the full product (54) took over ten
+# minutes on an H200. A Latin square instead: every dtype meets every case and every config once,
+# and every config runs with and without split-KV (splits=8 for fp16).
 @pytest.mark.gpu
-def test_gpu_jax_and_torch_kernels_are_bit_identical():
+@pytest.mark.parametrize("dtype_index", range(3), ids=["bf16", "fp16", "fp32"])
+@pytest.mark.parametrize("case_index", range(3), ids=["prefill", "decode", "mixed"])
+def test_gpu_jax_and_torch_kernels_are_bit_identical(dtype_index, case_index):
     """Same kernel, same launch plan: jax-triton and torch give the same bits."""
     from sparse24.torch_ops import unified_attention as torch_unified_attention
 
-    cases = [
-        dict(q_lens=(300,), kv_lens=(300,)),  # prefill
-        dict(q_lens=(1,) * 16, kv_lens=tuple(range(500, 4500, 250))),  # decode
-        dict(q_lens=(1, 64, 1, 200), kv_lens=(4000, 64, 129, 1000)),  # mixed
-    ]
-    for dtype in (torch.bfloat16, torch.float16, torch.float32):
-        for case in cases:
-            for splits in (None, 8):
-                for config in ("2:4", "dense", "4:8,sink=4,recent=0"):
-                    inputs = make_paged_inputs(**case, num_q_heads=32, num_kv_heads=8, head_dim=128, block_size=16,
-                                               dtype=dtype, device="cuda")
-                    max_q, max_k = max(case["q_lens"]), max(case["kv_lens"])
-                    kwargs = dict(config=SparsityConfig.parse(config), num_kv_splits=splits, max_seqlen_q=max_q,
-                                  max_seqlen_k=max_k)
-                    want = torch_unified_attention(*inputs, backend="triton", **kwargs)
-                    got = unified_attention(*[jnp.asarray(t.cpu().float().numpy()).astype(
-                        jnp.dtype(str(t.dtype).rsplit(".", 1)[-1])) if t.is_floating_point() else jnp.asarray(t.cpu().numpy())
-                        for t in inputs], backend="triton", **kwargs)
-                    got_t = torch.from_numpy(np.asarray(jnp.asarray(got, jnp.float32))).to(dtype)
-                    assert torch.equal(got_t, want.cpu()), (dtype, case, splits, config)
+    dtype, case = BIT_IDENTITY_DTYPES[dtype_index], BIT_IDENTITY_CASES[case_index]
+    config = BIT_IDENTITY_CONFIGS[(dtype_index + case_index) % 3]
+    splits = 8 if dtype_index == 1 else None
+    inputs = make_paged_inputs(**case, num_q_heads=32, num_kv_heads=8, head_dim=128, block_size=16,
+                               dtype=dtype, device="cuda")
+    max_q, max_k = max(case["q_lens"]), max(case["kv_lens"])
+    kwargs = dict(config=SparsityConfig.parse(config), num_kv_splits=splits, max_seqlen_q=max_q,
+                  max_seqlen_k=max_k)
+    want = torch_unified_attention(*inputs, backend="triton", **kwargs)
+    got = unified_attention(*[jnp.asarray(t.cpu().float().numpy()).astype(
+        jnp.dtype(str(t.dtype).rsplit(".", 1)[-1])) if t.is_floating_point() else jnp.asarray(t.cpu().numpy())
+        for t in inputs], backend="triton", **kwargs)
+    got_t = torch.from_numpy(np.asarray(jnp.asarray(got, jnp.float32))).to(dtype)
+    assert torch.equal(got_t, want.cpu()), (dtype, case, splits, config)
