@@ -203,12 +203,15 @@ def plan_unified_attention(
     # Keys per iteration (a multiple of M so groups never straddle a tile). Measured on an
     # H200 (benchmarks/NOTES.md): 64 with 256-row tiles, 128 with 128-row tiles; decode
     # (fewer than 64 rows: the GQA group x a few tokens) reads K/V at memory speed with
-    # 128-key tiles, 4 warps, 2 stages, dense and 2:4 alike. fp32 and D > 128 keep 64.
+    # 128-key tiles, 4 warps, 2 stages, dense and 2:4 alike. fp32 and D > 128 keep 64: K/V
+    # tiles of 128 keys there need more shared memory than sm_90 has (4:8 at D=256: 288 KiB
+    # in bf16, 352 KiB in fp32; the limit is 227 KiB) and fp32 4:8 took a minute to compile.
+    small_elements = not is_fp32 and head_dim_pad <= 128
     if block_m >= 256:
         tile_n = 64
-    elif block_m >= 128 or (block_m < 64 and not is_fp32 and head_dim_pad <= 128):
+    elif block_m >= 128 or (block_m < 64 and small_elements):
         tile_n = 128
-    elif sparse:
+    elif sparse and small_elements:
         tile_n = 16 * m
     else:
         tile_n = 64

@@ -101,6 +101,9 @@ def attention_specializations():
         yield "bfloat16", dict(n=2, m=4, head_dim=head_dim, max_seqlen_q=512, num_q_heads=8, num_kv_heads=8), full
     yield "bfloat16", dict(n=2, m=4, head_dim=128, max_seqlen_q=512, num_q_heads=40, num_kv_heads=8), non_causal
     yield "float32", dict(n=2, m=8, head_dim=64, max_seqlen_q=64, num_q_heads=4, num_kv_heads=4), full
+    # the largest K/V tiles: D=256 and fp32 with M=8 (must fit sm_90's shared memory)
+    for dtype, max_seqlen_q in (("bfloat16", 512), ("float32", 512), ("float32", 1)):
+        yield dtype, dict(n=4, m=8, head_dim=256, max_seqlen_q=max_seqlen_q, num_q_heads=8, num_kv_heads=8), plain
     # decode, split-KV (planner picks segments from the SM count)
     for dtype, (n, m) in itertools.product(("bfloat16", "float32"), ((4, 4), (2, 4), (2, 8))):
         yield dtype, dict(n=n, m=m, head_dim=128, max_seqlen_q=1, num_q_heads=32, num_kv_heads=8, num_sms=132), full

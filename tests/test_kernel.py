@@ -158,6 +158,16 @@ def test_launch_parameters_do_not_change_results(kernel_backend, tune):
         assert_close_report(got, want, atol=1e-6, rtol=1e-6, name=f"{config} {tune}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("config", ["4:8,recent=0", "1:8,sink=4,recent=16"])
+def test_kernel_head_dim_256_groups_of_8(kernel_backend, config, dtype):
+    """The largest K/V tiles the planner makes (M=8, D=256; 64-key tiles so they fit sm_90's
+    shared memory): a prefill chunk, decodes and several key tiles, decisions exact."""
+    backend, device = kernel_backend
+    check_case(backend, device, q_lens=(1, 70, 1), kv_lens=(200, 130, 65), num_q_heads=4, num_kv_heads=2,
+               head_dim=256, config=config, dtype=dtype)
+
+
 def test_kernel_fp16(kernel_backend):
     backend, device = kernel_backend
     check_case(backend, device, **BASE, dtype=torch.float16, decisions=False)

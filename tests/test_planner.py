@@ -183,6 +183,18 @@ def test_tile_n_table(m, n_of):
         assert p.tile_n % m == 0
 
 
+@pytest.mark.parametrize("dtype, head_dim", [("bfloat16", 256), ("float32", 128), ("float32", 256)])
+@pytest.mark.parametrize("max_seqlen_q", [1, 512])
+def test_large_elements_keep_64_key_tiles(dtype, head_dim, max_seqlen_q):
+    """fp32 or D > 128: 64 keys per tile for every N:M, also M=8 (128 keys of K and V at
+    D=256 need more than sm_90's 227 KiB of shared memory; tests/compile_sm90.py checks the
+    compiled size)."""
+    for n, m in ((4, 4), (2, 4), (4, 8), (1, 8)):
+        p = plan(n=n, m=m, dtype=dtype, head_dim=head_dim, max_seqlen_q=max_seqlen_q,
+                 num_tokens=max_seqlen_q * 8, num_seqs=8)
+        assert p.tile_n == 64, (n, m, p)
+
+
 @pytest.mark.parametrize("num_tokens, num_seqs, hq, hkv", [(512, 1, 32, 8), (37, 5, 5, 1), (0, 2, 8, 8), (1, 1, 64, 1)])
 def test_grid_counts_q_blocks(num_tokens, num_seqs, hq, hkv):
     p = plan(num_tokens=num_tokens, num_seqs=num_seqs, num_q_heads=hq, num_kv_heads=hkv,
