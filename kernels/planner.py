@@ -14,6 +14,8 @@ import dataclasses
 
 SUPPORTED_DTYPES = ("float32", "float16", "bfloat16")
 MAX_KV_SPLITS = 64
+MAX_BLOCK_M = 256  # rows (query tokens x GQA heads) of one program
+MAX_TILE_ELEMENTS = 256 * 128  # block_m x head_dim_pad of one program (see plan_unified_attention)
 
 
 def next_power_of_2(x: int) -> int:
@@ -199,6 +201,17 @@ def plan_unified_attention(
     block_m = min(block_m, max(16, next_power_of_2(max(max_seqlen_q, 1) * qpk)))
     block_m = max(block_m, next_power_of_2(qpk), 16)
     block_q = block_m // qpk
+    # A program holds a whole GQA group (each K/V byte is read once), so H_q/H_kv sets a floor
+    # on block_m. Its fp32 output accumulator [block_m, head_dim_pad] takes 64 registers per
+    # thread at 16 warps for 256 x 128; 256 x 256 does not compile (ptxas: insufficient
+    # registers), so 256 x 128 elements is the ceiling (benchmarks/NOTES.md).
+    if block_m > MAX_BLOCK_M or block_m * head_dim_pad > MAX_TILE_ELEMENTS:
+        raise ValueError(
+            f"num_q_heads / num_kv_heads = {qpk} with head_dim {head_dim} needs a {block_m} x {head_dim_pad} "
+            f"tile per program (one program holds a whole GQA group); the kernel supports at most "
+            f"{MAX_BLOCK_M} rows and rows x head_dim <= {MAX_TILE_ELEMENTS} (up to 128 query heads per KV head "
+            f"at head_dim 256, 256 at head_dim <= 128)"
+        )
 
     # Keys per iteration (a multiple of M so groups never straddle a tile). Measured on an
     # H200 (benchmarks/NOTES.md): 64 with 256-row tiles, 128 with 128-row tiles; decode
@@ -206,10 +219,13 @@ def plan_unified_attention(
     # 128-key tiles, 4 warps, 2 stages, dense and 2:4 alike. fp32 and D > 128 keep 64: K/V
     # tiles of 128 keys there need more shared memory than sm_90 has (4:8 at D=256: 288 KiB
     # in bf16, 352 KiB in fp32; the limit is 227 KiB) and fp32 4:8 took a minute to compile.
+    # An fp32 Q tile at that ceiling (128 KiB) leaves shared memory for 32-key K/V tiles only.
     small_elements = not is_fp32 and head_dim_pad <= 128
-    if block_m >= 256:
+    if is_fp32 and block_m * head_dim_pad >= MAX_TILE_ELEMENTS:
+        tile_n = 32
+    elif block_m >= 256:
         tile_n = 64
-    elif block_m >= 128 or (block_m < 64 and small_elements):
+    elif small_elements and (block_m >= 128 or block_m < 64):
         tile_n = 128
     elif sparse and small_elements:
         tile_n = 16 * m

@@ -104,6 +104,10 @@ def attention_specializations():
     # the largest K/V tiles: D=256 and fp32 with M=8 (must fit sm_90's shared memory)
     for dtype, max_seqlen_q in (("bfloat16", 512), ("float32", 512), ("float32", 1)):
         yield dtype, dict(n=4, m=8, head_dim=256, max_seqlen_q=max_seqlen_q, num_q_heads=8, num_kv_heads=8), plain
+    # the largest GQA groups per program (block_m = H_q/H_kv at the planner's tile-size ceiling)
+    for dtype, (n, m), head_dim, qpk, max_seqlen_q in (("bfloat16", (2, 8), 256, 128, 512), ("float32", (2, 8), 256, 128, 1),
+                                                       ("float32", (2, 4), 128, 256, 512)):
+        yield dtype, dict(n=n, m=m, head_dim=head_dim, max_seqlen_q=max_seqlen_q, num_q_heads=qpk, num_kv_heads=1), plain
     # decode, split-KV (planner picks segments from the SM count)
     for dtype, (n, m) in itertools.product(("bfloat16", "float32"), ((4, 4), (2, 4), (2, 8))):
         yield dtype, dict(n=n, m=m, head_dim=128, max_seqlen_q=1, num_q_heads=32, num_kv_heads=8, num_sms=132), full

@@ -168,6 +168,15 @@ def test_kernel_head_dim_256_groups_of_8(kernel_backend, config, dtype):
                head_dim=256, config=config, dtype=dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_kernel_largest_gqa_group(kernel_backend, dtype):
+    """128 query heads per KV head at head_dim 256: one 128 x 256 tile per program, the
+    planner's ceiling (32-key tiles in fp32), prefill rows and a decode, decisions exact."""
+    backend, device = kernel_backend
+    check_case(backend, device, q_lens=(1, 2), kv_lens=(100, 40), num_q_heads=128, num_kv_heads=1,
+               head_dim=256, config="2:8,recent=0", dtype=dtype)
+
+
 def test_kernel_fp16(kernel_backend):
     backend, device = kernel_backend
     check_case(backend, device, **BASE, dtype=torch.float16, decisions=False)

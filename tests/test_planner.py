@@ -195,6 +195,22 @@ def test_large_elements_keep_64_key_tiles(dtype, head_dim, max_seqlen_q):
         assert p.tile_n == 64, (n, m, p)
 
 
+@pytest.mark.parametrize("max_seqlen_q", [1, 512])
+def test_largest_gqa_groups(max_seqlen_q):
+    """A whole GQA group per program: block_m >= H_q/H_kv. The largest tiles that compile for
+    sm_90 (tests/compile_sm90.py): 128 x 256 with 64 keys in bf16, 32 keys in fp32 (its Q tile
+    is 128 KiB); 256 x 128 in fp32 with 32 keys; beyond that a ValueError."""
+    common = dict(num_kv_heads=1, max_seqlen_q=max_seqlen_q, num_tokens=max_seqlen_q * 2, num_seqs=2)
+    for dtype, hq, d, tile_n in (("bfloat16", 128, 256, 64), ("float32", 128, 256, 32), ("float32", 256, 128, 32),
+                                 ("bfloat16", 256, 128, 64), ("float32", 128, 128, 64)):
+        for n, m in ((2, 4), (4, 8), (4, 4)):
+            p = plan(n=n, m=m, dtype=dtype, num_q_heads=hq, head_dim=d, **common)
+            assert (p.block_m, p.tile_n) == (hq, tile_n), (dtype, hq, d, n, m, p)
+    for hq, d in ((256, 256), (512, 64), (512, 16)):
+        with pytest.raises(ValueError, match=rf"^num_q_heads / num_kv_heads = {hq} with head_dim {d} needs a"):
+            plan(num_q_heads=hq, head_dim=d, **common)
+
+
 @pytest.mark.parametrize("num_tokens, num_seqs, hq, hkv", [(512, 1, 32, 8), (37, 5, 5, 1), (0, 2, 8, 8), (1, 1, 64, 1)])
 def test_grid_counts_q_blocks(num_tokens, num_seqs, hq, hkv):
     p = plan(num_tokens=num_tokens, num_seqs=num_seqs, num_q_heads=hq, num_kv_heads=hkv,

@@ -288,6 +288,18 @@ def test_num_kv_splits_wrong_type(splits):
         _call_unified(a, dict(num_kv_splits=splits), backend="reference")
 
 
+@pytest.mark.parametrize("hq, head_dim", [(256, 256), (512, 64)])
+def test_gqa_group_larger_than_one_program(kernel_backend, hq, head_dim):
+    """One program holds a whole GQA group: past 256 rows or 256 x 128 tile elements the kernel
+    cannot compile, so the kernel backends refuse with the numbers (the reference has no limit)."""
+    backend, device = kernel_backend
+    inputs = make_paged_inputs((1,), (16,), num_q_heads=hq, num_kv_heads=1, head_dim=head_dim, block_size=16,
+                               device=device)
+    with pytest.raises(ValueError, match=rf"^num_q_heads / num_kv_heads = {hq} with head_dim {head_dim} needs a "):
+        unified_attention(*inputs, backend=backend)
+    assert unified_attention(*inputs, backend="reference").shape == inputs.q.shape
+
+
 # A few cases through the kernel backend: validation must not depend on the backend.
 SAME_CASES = ["q-rank2", "k_cache-dtype-differs", "heads-not-divisible", "cu_seqlens_q-end",
               "block_table-entry-too-large", "window-zero", "config-str", "q-numpy"]
