@@ -184,5 +184,34 @@ def main() -> int:
     return 0
 
 
+def sweep() -> int:
+    """``python tests/compile_sm90.py --sweep``: compile every distinct plan the planner makes over
+    dtype x N:M x head_dim x H_q/H_kv x max_seqlen_q (125 plans; 10 minutes on 2 CPU cores with part cached;
+    not part of CI). Prints each plan's shared memory; exits non-zero if any plan fails."""
+    flags = dict(page_size=16, causal=True, use_window=True, use_softcap=True, use_sink=True, use_recent=True,
+                 sparse_decode=True, store_lse=True)
+    seen, failed = set(), 0
+    for dtype, (n, m), head_dim, qpk, max_seqlen_q in itertools.product(
+        ("bfloat16", "float32"), ((4, 4), (2, 4), (4, 8)), (256, 128, 64), (128, 64, 32, 16, 8, 1), (512, 16, 1)
+    ):
+        plan = plan_unified_attention(num_tokens=2 * max_seqlen_q, num_seqs=2, dtype=dtype, max_seqlen_k=4096, n=n,
+                                      m=m, head_dim=head_dim, max_seqlen_q=max_seqlen_q, num_q_heads=qpk,
+                                      num_kv_heads=1, num_sms=132)
+        key = (dtype, m, n < m, plan.block_m, plan.tile_n, plan.head_dim_pad, plan.num_warps, plan.num_stages,
+               plan.member_stride, plan.is_split)
+        if key in seen:
+            continue
+        seen.add(key)
+        label = (f"{dtype} {n}:{m} D={head_dim} H_q/H_kv={qpk} q={max_seqlen_q} BLOCK_M={plan.block_m} "
+                 f"TILE_N={plan.tile_n} warps={plan.num_warps} segments={plan.num_segments}")
+        try:
+            compile_one(unified_attention_kernel, dtype, plan.kernel_constexprs(**flags), label)
+        except Exception as exc:  # report every failing plan, not just the first
+            failed += 1
+            print(f"FAIL {label}: {str(exc)[:200]}", flush=True)
+    print(f"{len(seen)} plans, {failed} failed")
+    return 1 if failed else 0
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(sweep() if "--sweep" in sys.argv[1:] else main())
