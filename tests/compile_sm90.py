@@ -85,13 +85,17 @@ def compile_one(kernel, dtype: str, constexprs: dict, label: str, float_scalar: 
     return compiled
 
 
+# Feature constexprs of the unified kernel: every feature on / the common serving case.
+FULL_FLAGS = dict(page_size=16, causal=True, use_window=True, use_softcap=True, use_sink=True, use_recent=True,
+                  sparse_decode=False, store_lse=True)
+PLAIN_FLAGS = dict(page_size=16, causal=True, use_window=False, use_softcap=False, use_sink=False, use_recent=True,
+                   sparse_decode=True, store_lse=False)
+
+
 def attention_specializations():
     """(dtype, plan kwargs, feature flags) covering every constexpr branch of the launchers."""
     configs = {"dense": (4, 4), "2:4": (2, 4), "1:8": (1, 8), "4:8": (4, 8)}
-    full = dict(page_size=16, causal=True, use_window=True, use_softcap=True, use_sink=True, use_recent=True,
-                sparse_decode=False, store_lse=True)
-    plain = dict(page_size=16, causal=True, use_window=False, use_softcap=False, use_sink=False, use_recent=True,
-                 sparse_decode=True, store_lse=False)
+    full, plain = FULL_FLAGS, PLAIN_FLAGS
     non_causal = dict(plain, causal=False)
     for dtype, (name, (n, m)), head_dim in itertools.product(("bfloat16", "float16", "float32"), configs.items(), (64, 128)):
         if name == "4:8" and dtype != "bfloat16":
@@ -188,8 +192,7 @@ def sweep() -> int:
     """``python tests/compile_sm90.py --sweep``: compile every distinct plan the planner makes over
     dtype x N:M x head_dim x H_q/H_kv x max_seqlen_q (125 plans; 10 minutes on 2 CPU cores with part cached;
     not part of CI). Prints each plan's shared memory; exits non-zero if any plan fails."""
-    flags = dict(page_size=16, causal=True, use_window=True, use_softcap=True, use_sink=True, use_recent=True,
-                 sparse_decode=True, store_lse=True)
+    flags = dict(FULL_FLAGS, sparse_decode=True)
     seen, failed = set(), 0
     for dtype, (n, m), head_dim, qpk, max_seqlen_q in itertools.product(
         ("bfloat16", "float32"), ((4, 4), (2, 4), (4, 8)), (256, 128, 64), (128, 64, 32, 16, 8, 1), (512, 16, 1)

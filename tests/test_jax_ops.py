@@ -264,8 +264,5 @@ def test_gpu_jax_and_torch_kernels_are_bit_identical(dtype_index, case_index):
     kwargs = dict(config=SparsityConfig.parse(config), num_kv_splits=splits, max_seqlen_q=max_q,
                   max_seqlen_k=max_k)
     want = torch_unified_attention(*inputs, backend="triton", **kwargs)
-    got = unified_attention(*[jnp.asarray(t.cpu().float().numpy()).astype(
-        jnp.dtype(str(t.dtype).rsplit(".", 1)[-1])) if t.is_floating_point() else jnp.asarray(t.cpu().numpy())
-        for t in inputs], backend="triton", **kwargs)
-    got_t = torch.from_numpy(np.asarray(jnp.asarray(got, jnp.float32))).to(dtype)
-    assert torch.equal(got_t, want.cpu()), (dtype, case, splits, config)
+    got = unified_attention(*to_jax(inputs), backend="triton", **kwargs)
+    assert torch.equal(to_torch(got).to(dtype), want.cpu()), (dtype, case, splits, config)
