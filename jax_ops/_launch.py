@@ -1,9 +1,9 @@
-"""Launching the Triton kernels from JAX: one argument list, two ways to run it.
+"""Launching the Triton kernels from JAX: the one launch description, two ways to run it.
 
-``KernelCall`` is the complete description of one launch: the kernel object from
-``sparse24.kernels``, the positional input arrays, the output shapes/dtypes, the grid,
-and the keyword scalars + constexprs -- built once here from the shared planner. It then
-runs either
+``sparse24.kernels.launch`` describes every launch of a call completely (kernel, grid,
+which named array goes to which pointer, output shapes and dtypes, scalars, strides,
+constexprs, warps, stages), the same description the torch launcher runs. Here it runs
+either
 
 * on a GPU through ``jax_triton.triton_call`` (inputs positional, outputs appended,
   everything else by keyword -- jax-triton's binding, which the kernel signature follows);
@@ -17,44 +17,25 @@ without a CUDA jaxlib.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import os
 import threading
-from typing import Any, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sparse24.kernels import (
-    plan_unified_attention,
-    plan_write_kv_cache,
-    reduce_segments_kernel,
-    unified_attention_kernel,
-    write_kv_cache_kernel,
+from sparse24.kernels.launch import (
+    KernelLaunch,
+    contiguous_strides,  # noqa: F401  (re-exported for callers of this module)
+    run_launches,
+    unified_attention_launches,
+    write_kv_cache_launches,
 )
 
-
-def contiguous_strides(shape: Sequence[int]) -> tuple[int, ...]:
-    """Row-major element strides of a JAX array of this shape (JAX arrays are dense)."""
-    strides, acc = [], 1
-    for dim in reversed(shape):
-        strides.append(acc)
-        acc *= max(int(dim), 1)
-    return tuple(reversed(strides))
-
-
-@dataclasses.dataclass(frozen=True)
-class KernelCall:
-    kernel: Any
-    out_shapes: tuple[jax.ShapeDtypeStruct, ...]
-    grid: tuple[int, ...]
-    num_warps: int
-    num_stages: int
-    keywords: dict  # runtime scalars (Python float / int) and constexprs, by name
-    input_output_aliases: tuple[tuple[int, int], ...] = ()
-    feeds_next: tuple[int, ...] = ()  # outputs that are the next call's inputs
+ATTENTION_INPUTS = ("q", "k_cache", "v_cache", "block_table", "cu_seqlens_q", "seq_lens")
+WRITE_INPUTS = ("k", "v", "slot_mapping", "k_cache", "v_cache")
 
 
 def attention_calls(
@@ -74,105 +55,28 @@ def attention_calls(
     num_kv_splits: int | None,
     num_sms: int | None,
     interpret: bool,
-) -> list[KernelCall]:
-    """The launch(es) of one unified-attention call: the main kernel, plus the reduce
-    kernel when the plan splits the key range. Outputs of the last call: (out, lse)."""
-    num_tokens, num_q_heads, head_dim = (int(d) for d in q_shape)
-    num_kv_heads = int(cache_shape[2])
-    dtype_name = jnp.dtype(dtype).name
-    plan = plan_unified_attention(
-        num_tokens=num_tokens, num_seqs=num_seqs, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads,
-        head_dim=head_dim, dtype=dtype_name, n=config.n, m=config.m,
-        max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, num_sms=num_sms, interpret=interpret,
-        num_kv_splits=num_kv_splits,
+    store_lse: bool = True,
+) -> tuple[KernelLaunch, ...]:
+    """The described launch(es) of one unified-attention call on contiguous JAX arrays
+    (inputs ``ATTENTION_INPUTS``; results ``out``, ``lse``)."""
+    return unified_attention_launches(
+        q_shape=tuple(int(d) for d in q_shape), dtype=jnp.dtype(dtype).name,
+        cache_shape=tuple(int(d) for d in cache_shape), num_seqs=int(num_seqs),
+        n=config.n, m=config.m, dense_sink_tokens=config.dense_sink_tokens,
+        dense_recent_tokens=config.dense_recent_tokens, sparse_decode=config.sparse_decode,
+        causal=bool(causal), softmax_scale=float(softmax_scale), window=int(window), softcap=float(softcap),
+        max_seqlen_q=int(max_seqlen_q), max_seqlen_k=int(max_seqlen_k), store_lse=bool(store_lse),
+        num_kv_splits=num_kv_splits, num_sms=num_sms, interpret=bool(interpret),
+        block_table_strides=contiguous_strides(block_table_shape),
     )
-    q_strides = contiguous_strides(q_shape)
-    cache_strides = contiguous_strides(cache_shape)
-    bt_strides = contiguous_strides(block_table_shape)
-    out = jax.ShapeDtypeStruct((num_tokens, num_q_heads, head_dim), dtype)
-    lse = jax.ShapeDtypeStruct((num_tokens, num_q_heads), jnp.float32)
-    if plan.is_split:
-        segm_acc = jax.ShapeDtypeStruct((num_tokens, num_q_heads, plan.num_segments, plan.head_dim_pad), jnp.float32)
-        segm_max = jax.ShapeDtypeStruct((num_tokens, num_q_heads, plan.num_segments), jnp.float32)
-        segm_sum = segm_max
-    else:
-        segm_acc = segm_max = segm_sum = jax.ShapeDtypeStruct((1,), jnp.float32)
-    constexprs = plan.kernel_constexprs(
-        page_size=int(cache_shape[1]), causal=causal, use_window=window > 0, use_softcap=softcap > 0,
-        use_sink=config.dense_sink_tokens > 0, use_recent=config.dense_recent_tokens > 0,
-        sparse_decode=config.sparse_decode, store_lse=True,
-    )
-    num_warps = constexprs.pop("num_warps")
-    num_stages = constexprs.pop("num_stages")
-    out_strides = contiguous_strides(out.shape)
-    lse_strides = contiguous_strides(lse.shape)
-    main = KernelCall(
-        kernel=unified_attention_kernel,
-        out_shapes=(out, lse, segm_acc, segm_max, segm_sum),
-        grid=plan.grid,
-        num_warps=num_warps,
-        num_stages=num_stages,
-        feeds_next=(2, 3, 4),  # split partials -> reduce_segments_kernel
-        keywords=dict(
-            # jax-triton passes keyword scalars as compile-time constants: Python floats
-            # (the kernel casts them to fp32), not np.float32, which Triton cannot convert.
-            softmax_scale=float(softmax_scale), softcap=float(softcap), window=int(window),
-            dense_sink_tokens=config.dense_sink_tokens, dense_recent_tokens=config.dense_recent_tokens,
-            num_seqs=num_seqs,
-            stride_q_token=q_strides[0], stride_q_head=q_strides[1], stride_q_dim=q_strides[2],
-            stride_kc_block=cache_strides[0], stride_kc_slot=cache_strides[1],
-            stride_kc_head=cache_strides[2], stride_kc_dim=cache_strides[3],
-            stride_vc_block=cache_strides[0], stride_vc_slot=cache_strides[1],
-            stride_vc_head=cache_strides[2], stride_vc_dim=cache_strides[3],
-            stride_bt_seq=bt_strides[0], stride_bt_page=bt_strides[1],
-            stride_out_token=out_strides[0], stride_out_head=out_strides[1], stride_out_dim=out_strides[2],
-            stride_lse_token=lse_strides[0], stride_lse_head=lse_strides[1],
-            **constexprs,
-        ),
-    )
-    if not plan.is_split:
-        return [main]
-    reduce_constexprs = plan.reduce_constexprs(store_lse=True)
-    reduce = KernelCall(
-        kernel=reduce_segments_kernel,
-        out_shapes=(out, lse),
-        grid=plan.reduce_grid,
-        num_warps=reduce_constexprs.pop("num_warps"),
-        num_stages=2,
-        keywords=dict(
-            stride_out_token=out_strides[0], stride_out_head=out_strides[1], stride_out_dim=out_strides[2],
-            stride_lse_token=lse_strides[0], stride_lse_head=lse_strides[1],
-            **reduce_constexprs,
-        ),
-    )
-    return [main, reduce]
 
 
-def write_kv_cache_call(*, kv_shape, cache_shape, dtype) -> KernelCall:
-    """The cache-write launch. Inputs (k, v, slot_mapping, k_cache, v_cache); outputs the
-    two caches, aliased to inputs 3 and 4 so a jitted step updates them in place."""
-    num_tokens, num_kv_heads, head_dim = (int(d) for d in kv_shape)
-    plan = plan_write_kv_cache(num_tokens=num_tokens, num_kv_heads=num_kv_heads, head_dim=head_dim)
-    kv_strides = contiguous_strides(kv_shape)
-    cache_strides = contiguous_strides(cache_shape)
-    cache = jax.ShapeDtypeStruct(tuple(cache_shape), dtype)
-    return KernelCall(
-        kernel=write_kv_cache_kernel,
-        out_shapes=(cache, cache),
-        grid=plan.grid,
-        num_warps=plan.num_warps,
-        num_stages=1,
-        keywords=dict(
-            block_size=int(cache_shape[1]),
-            stride_k_token=kv_strides[0], stride_k_head=kv_strides[1], stride_k_dim=kv_strides[2],
-            stride_v_token=kv_strides[0], stride_v_head=kv_strides[1], stride_v_dim=kv_strides[2],
-            stride_kc_block=cache_strides[0], stride_kc_slot=cache_strides[1],
-            stride_kc_head=cache_strides[2], stride_kc_dim=cache_strides[3],
-            stride_vc_block=cache_strides[0], stride_vc_slot=cache_strides[1],
-            stride_vc_head=cache_strides[2], stride_vc_dim=cache_strides[3],
-            HEAD_DIM=head_dim, HEAD_DIM_PAD=plan.head_dim_pad,
-        ),
-        input_output_aliases=((3, 0), (4, 1)),
+def write_kv_cache_call(*, kv_shape, cache_shape, dtype) -> tuple[KernelLaunch, ...]:
+    """The described cache-write launch on contiguous JAX arrays (inputs ``WRITE_INPUTS``;
+    results ``k_cache``, ``v_cache``, aliased to the input caches)."""
+    return write_kv_cache_launches(
+        kv_shape=tuple(int(d) for d in kv_shape), cache_shape=tuple(int(d) for d in cache_shape),
+        dtype=jnp.dtype(dtype).name,
     )
 
 
@@ -201,20 +105,21 @@ def jax_triton():
     return jt
 
 
-def run_triton(calls: Sequence[KernelCall], *inputs):
-    """The launches through ``jax_triton.triton_call``; returns the last one's outputs."""
+def run_triton(launches: Sequence[KernelLaunch], input_names: Sequence[str], results: Sequence[str], *inputs):
+    """The launches through ``jax_triton.triton_call``; returns the named ``results``."""
     jt = jax_triton()
-    args = inputs
-    for call in calls:
+
+    def launch_fn(launch: KernelLaunch, args: list, env: dict):
         kwargs = dict(
-            kernel=call.kernel, out_shape=list(call.out_shapes), grid=call.grid,
-            num_warps=call.num_warps, num_stages=call.num_stages, **call.keywords,
+            kernel=launch.kernel, out_shape=[jax.ShapeDtypeStruct(o.shape, jnp.dtype(o.dtype)) for o in launch.outputs],
+            grid=launch.grid, num_warps=launch.num_warps, num_stages=launch.num_stages, **launch.keywords,
         )
-        if call.input_output_aliases:
-            kwargs["input_output_aliases"] = dict(call.input_output_aliases)
-        outs = tuple(jt.triton_call(*args, **kwargs))
-        args = tuple(outs[i] for i in call.feeds_next)
-    return outs
+        if launch.input_output_aliases:
+            kwargs["input_output_aliases"] = dict(launch.input_output_aliases)
+        return tuple(jt.triton_call(*args, **kwargs))
+
+    env = run_launches(launches, dict(zip(input_names, inputs)), launch_fn)
+    return tuple(env[r] for r in results)
 
 
 # ---------------------------------------------------------------- CPU: the interpreter
@@ -240,25 +145,40 @@ def _to_numpy(t, dtype) -> np.ndarray:
 _INTERPRETER_LOCK = threading.Lock()  # Triton's interpreter patches module state: one launch at a time
 
 
-def _host_launch(calls: Sequence[KernelCall], *inputs: np.ndarray):
-    """Run the launches on host copies through Triton's interpreter. The outputs of one
-    launch feed the next (the reduce kernel takes the split partials). Callbacks of several
-    devices (shard_map) may arrive concurrently: launches are serialised."""
-    with _INTERPRETER_LOCK:
-        return _host_launch_locked(calls, *inputs)
-
-
-def _host_launch_locked(calls: Sequence[KernelCall], *inputs: np.ndarray):
+def _host_launch(launches, input_names, results, *inputs: np.ndarray):
+    """Run the launches on host copies through Triton's interpreter (outputs of one launch
+    feed the next, as on the GPU). Callbacks of several devices (shard_map) may arrive
+    concurrently: launches are serialised."""
     import torch
 
-    args = [_to_torch(x) for x in inputs]
-    for call in calls:
-        outs = [torch.empty(s.shape, dtype=_torch_dtype(s.dtype)) for s in call.out_shapes]
-        for i, o in call.input_output_aliases:
-            outs[o] = args[i]  # aliased output = the input buffer, as on the GPU
-        call.kernel[call.grid](*args, *outs, num_warps=call.num_warps, num_stages=call.num_stages, **call.keywords)
-        args = [outs[i] for i in call.feeds_next]
-    return tuple(_to_numpy(o, s.dtype) for o, s in zip(outs, calls[-1].out_shapes))
+    def launch_fn(launch: KernelLaunch, args: list, env: dict):
+        outs = []
+        for i, o in enumerate(launch.outputs):
+            alias = [a for a, out_index in launch.input_output_aliases if out_index == i]
+            # an aliased output is the input buffer, as on the GPU; others are fresh
+            outs.append(args[alias[0]] if alias else torch.empty(o.shape, dtype=_torch_dtype(o.dtype)))
+        launch.kernel[launch.grid](
+            *args, *outs, **launch.keywords, num_warps=launch.num_warps, num_stages=launch.num_stages
+        )
+        return outs
+
+    with _INTERPRETER_LOCK:
+        env = run_launches(launches, {n: _to_torch(x) for n, x in zip(input_names, inputs)}, launch_fn)
+    out_dtypes = _result_dtypes(launches, results)
+    return tuple(_to_numpy(env[r], out_dtypes[r]) for r in results)
+
+
+def _result_specs(launches: Sequence[KernelLaunch], results: Sequence[str]) -> dict:
+    """Shape and dtype of each named result: its spec in the last launch that writes it."""
+    specs = {}
+    for launch in launches:
+        for o in launch.outputs:
+            specs[o.array] = jax.ShapeDtypeStruct(o.shape, jnp.dtype(o.dtype))
+    return {r: specs[r] for r in results}
+
+
+def _result_dtypes(launches, results) -> dict:
+    return {r: s.dtype for r, s in _result_specs(launches, results).items()}
 
 
 def _torch_dtype(dtype):
@@ -268,9 +188,13 @@ def _torch_dtype(dtype):
             "int32": torch.int32}[jnp.dtype(dtype).name]
 
 
-def run_interpret(calls: Sequence[KernelCall], *inputs):
-    """The launches as a ``jax.pure_callback`` into Triton's interpreter (jit/vmap-safe)."""
-    result_shapes = tuple(calls[-1].out_shapes)
+def run_interpret(launches: Sequence[KernelLaunch], input_names: Sequence[str], results: Sequence[str], *inputs):
+    """The launches as a ``jax.pure_callback`` into Triton's interpreter (jit/vmap-safe);
+    returns the named ``results``."""
+    if not launches:  # nothing to launch (e.g. a cache write of zero tokens)
+        return tuple(dict(zip(input_names, inputs))[r] for r in results)
+    specs = _result_specs(launches, results)
     return jax.pure_callback(
-        functools.partial(_host_launch, tuple(calls)), result_shapes, *inputs, vmap_method="sequential"
+        functools.partial(_host_launch, tuple(launches), tuple(input_names), tuple(results)),
+        tuple(specs[r] for r in results), *inputs, vmap_method="sequential",
     )

@@ -69,7 +69,8 @@ def _run_unified(backend, statics, q, k_cache, v_cache, block_table, cu_seqlens_
         num_sms=_num_sms() if backend == "triton" else None, interpret=backend == "interpret",
     )
     run = _launch.run_triton if backend == "triton" else _launch.run_interpret
-    out, lse = run(calls, q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens)[:2]
+    out, lse = run(calls, _launch.ATTENTION_INPUTS, ("out", "lse"), q, k_cache, v_cache, block_table,
+                   cu_seqlens_q, seq_lens)
     return out, lse
 
 
@@ -283,6 +284,6 @@ def write_kv_cache(k, v, k_cache, v_cache, slot_mapping, *, backend: str = "auto
         new_k = k_cache.reshape(flat).at[slots].set(k.astype(k_cache.dtype), mode="drop").reshape(k_cache.shape)
         new_v = v_cache.reshape(flat).at[slots].set(v.astype(v_cache.dtype), mode="drop").reshape(v_cache.shape)
         return new_k, new_v
-    call = _launch.write_kv_cache_call(kv_shape=k.shape, cache_shape=k_cache.shape, dtype=k_cache.dtype)
+    launches = _launch.write_kv_cache_call(kv_shape=k.shape, cache_shape=k_cache.shape, dtype=k_cache.dtype)
     run = _launch.run_triton if chosen == "triton" else _launch.run_interpret
-    return tuple(run([call], k, v, slot_mapping, k_cache, v_cache))
+    return tuple(run(launches, _launch.WRITE_INPUTS, ("k_cache", "v_cache"), k, v, slot_mapping, k_cache, v_cache))

@@ -99,13 +99,14 @@ class AttentionPlan:
         )
 
     def reduce_constexprs(self, *, store_lse: bool) -> dict:
-        """Keyword constexprs of ``reduce_segments_kernel`` (plus num_warps)."""
+        """Keyword constexprs of ``reduce_segments_kernel`` (plus num_warps and num_stages)."""
         return dict(
             HEAD_DIM=self.head_dim,
             HEAD_DIM_PAD=self.head_dim_pad,
             NUM_SEGMENTS=self.num_segments,
             STORE_LSE=bool(store_lse),
             num_warps=4,
+            num_stages=1,  # no loop to pipeline
         )
 
 
@@ -305,6 +306,7 @@ class KVWritePlan:
     head_dim_pad: int
     grid: tuple[int, int]
     num_warps: int = 1
+    num_stages: int = 1  # no loop to pipeline
 
 
 def plan_write_kv_cache(*, num_tokens: int, num_kv_heads: int, head_dim: int) -> KVWritePlan:

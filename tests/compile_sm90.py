@@ -181,7 +181,8 @@ def main() -> int:
     for dtype, head_dim in itertools.product(("bfloat16", "float16", "float32"), (64, 80)):
         plan = plan_write_kv_cache(num_tokens=16, num_kv_heads=8, head_dim=head_dim)
         compile_one(write_kv_cache_kernel, dtype,
-                    dict(HEAD_DIM=head_dim, HEAD_DIM_PAD=plan.head_dim_pad, num_warps=plan.num_warps),
+                    dict(HEAD_DIM=head_dim, HEAD_DIM_PAD=plan.head_dim_pad, num_warps=plan.num_warps,
+                         num_stages=plan.num_stages),
                     f"write_kv_cache {dtype} D={head_dim}")
         count += 1
     print(f"compiled {count} specializations for sm_90")

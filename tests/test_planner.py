@@ -327,7 +327,8 @@ def test_kernel_constexprs_values():
     assert d["NUM_SUBTILES"] == 1 and d["USE_SINK"] is False and d["USE_RECENT"] is False
     assert d["SPARSE_DECODE"] is True
     r = p.reduce_constexprs(store_lse=False)
-    assert r == dict(HEAD_DIM=128, HEAD_DIM_PAD=128, NUM_SEGMENTS=4, STORE_LSE=False, num_warps=r["num_warps"])
+    assert r == dict(HEAD_DIM=128, HEAD_DIM_PAD=128, NUM_SEGMENTS=4, STORE_LSE=False, num_warps=r["num_warps"],
+                     num_stages=1)
 
 
 def test_plan_write_kv_cache():
@@ -378,7 +379,7 @@ def test_unified_attention_kernel_arg_order():
 
 
 def test_reduce_segments_kernel_arg_order():
-    constexprs = set(decode(num_kv_splits=2).reduce_constexprs(store_lse=True)) - {"num_warps"}
+    constexprs = set(decode(num_kv_splits=2).reduce_constexprs(store_lse=True)) - {"num_warps", "num_stages"}
     pointers = ["segm_acc_ptr", "segm_max_ptr", "segm_sum_ptr", "out_ptr", "lse_ptr"]
     middle = check_order(reduce_segments_kernel, pointers, constexprs)
     assert middle and all(n.startswith("stride_") for n in middle)

@@ -4,7 +4,8 @@ With compiled kernels the ops are ``torch.library.triton_op``s that launch throu
 ``torch.library.wrap_triton``, so ``torch.compile`` sees the Triton kernels and CUDA
 graphs can capture them. In an interpreting process (``TRITON_INTERPRET=1``) the same
 kernel objects are called directly from an opaque ``torch.library.custom_op``. All launch
-math comes from ``sparse24.kernels.planner``.
+math and every kernel argument come from ``sparse24.kernels.launch`` (the one launch
+description, shared with the JAX launcher).
 
 Eager calls on plain tensors skip the op dispatcher: ``launch_unified_attention`` /
 ``launch_write_kv_cache`` (the functions the ops are made from) with ``direct=True`` launch
@@ -20,13 +21,7 @@ import functools
 import torch
 
 from sparse24.backends import kernels_interpreted
-from sparse24.kernels import (
-    plan_unified_attention,
-    plan_write_kv_cache,
-    reduce_segments_kernel,
-    unified_attention_kernel,
-    write_kv_cache_kernel,
-)
+from sparse24.kernels.launch import KernelLaunch, run_launches, unified_attention_launches, write_kv_cache_launches
 
 
 INTERPRETED = kernels_interpreted()  # decided once per process, before any tracing
@@ -60,6 +55,22 @@ def dtype_str(dtype: torch.dtype) -> str:
     return str(dtype).rsplit(".", 1)[-1]
 
 
+_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _run_one(launch: KernelLaunch, inputs: list, env: dict, *, direct: bool, device: torch.device) -> list:
+    """Launch one described kernel: outputs not given by the caller (split-KV partials) are
+    allocated here; arrays go by position, everything else by keyword, as described."""
+    outputs = [
+        env[o.array] if o.array in env else torch.empty(o.shape, dtype=_TORCH_DTYPES[o.dtype], device=device)
+        for o in launch.outputs
+    ]
+    _launcher(launch.kernel, direct)[launch.grid](
+        *inputs, *outputs, **launch.keywords, num_warps=launch.num_warps, num_stages=launch.num_stages
+    )
+    return outputs
+
+
 def launch_unified_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -88,62 +99,20 @@ def launch_unified_attention(
     (when ``store_lse``) ``lse`` [T, H_q] fp32. ``num_kv_splits`` 0 = planner's choice.
     ``direct``: launch the raw Triton kernels (eager calls outside the op dispatcher; the
     op itself always runs with the default False)."""
-    num_tokens, num_q_heads, head_dim = q.shape
-    num_kv_heads = k_cache.shape[2]
-    num_seqs = seq_lens.shape[0]
-    plan = plan_unified_attention(
-        num_tokens=num_tokens,
-        num_seqs=num_seqs,
-        num_q_heads=num_q_heads,
-        num_kv_heads=num_kv_heads,
-        head_dim=head_dim,
-        dtype=dtype_str(q.dtype),
-        n=n,
-        m=m,
-        max_seqlen_q=max_seqlen_q,
-        max_seqlen_k=max_seqlen_k,
-        num_sms=num_sms(q.device),
-        interpret=INTERPRETED,
-        num_kv_splits=num_kv_splits or None,
+    launches = unified_attention_launches(
+        q_shape=tuple(q.shape), dtype=dtype_str(q.dtype), cache_shape=tuple(k_cache.shape),
+        num_seqs=seq_lens.shape[0], n=n, m=m, dense_sink_tokens=dense_sink_tokens,
+        dense_recent_tokens=dense_recent_tokens, sparse_decode=sparse_decode, causal=causal,
+        softmax_scale=softmax_scale, window=window, softcap=softcap,
+        max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, store_lse=store_lse,
+        num_kv_splits=num_kv_splits or None, num_sms=num_sms(q.device), interpret=INTERPRETED,
+        q_strides=tuple(q.stride()), k_cache_strides=tuple(k_cache.stride()),
+        v_cache_strides=tuple(v_cache.stride()), block_table_strides=tuple(block_table.stride()),
+        out_strides=tuple(out.stride()),
     )
-    if plan.is_split:
-        segm_acc = torch.empty(
-            (num_tokens, num_q_heads, plan.num_segments, plan.head_dim_pad), dtype=torch.float32, device=q.device
-        )
-        segm_max = torch.empty((num_tokens, num_q_heads, plan.num_segments), dtype=torch.float32, device=q.device)
-        segm_sum = torch.empty_like(segm_max)
-    else:
-        segm_acc = segm_max = segm_sum = torch.empty((1,), dtype=torch.float32, device=q.device)
-    _launcher(unified_attention_kernel, direct)[plan.grid](
-        q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens,
-        out, lse, segm_acc, segm_max, segm_sum,
-        softmax_scale, softcap, window, dense_sink_tokens, dense_recent_tokens,
-        num_seqs,
-        q.stride(0), q.stride(1), q.stride(2),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), k_cache.stride(3),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), v_cache.stride(3),
-        block_table.stride(0), block_table.stride(1),
-        out.stride(0), out.stride(1), out.stride(2),
-        lse.stride(0), lse.stride(-1),
-        **plan.kernel_constexprs(
-            page_size=k_cache.shape[1],
-            causal=causal,
-            use_window=window > 0,
-            use_softcap=softcap > 0,
-            use_sink=dense_sink_tokens > 0,
-            use_recent=dense_recent_tokens > 0,
-            sparse_decode=sparse_decode,
-            store_lse=store_lse,
-        ),
-    )
-    if plan.is_split:
-        _launcher(reduce_segments_kernel, direct)[plan.reduce_grid](
-            segm_acc, segm_max, segm_sum,
-            out, lse,
-            out.stride(0), out.stride(1), out.stride(2),
-            lse.stride(0), lse.stride(-1),
-            **plan.reduce_constexprs(store_lse=store_lse),
-        )
+    arrays = dict(q=q, k_cache=k_cache, v_cache=v_cache, block_table=block_table,
+                  cu_seqlens_q=cu_seqlens_q, seq_lens=seq_lens, out=out, lse=lse)
+    run_launches(launches, arrays, functools.partial(_run_one, direct=direct, device=q.device))
 
 
 def launch_write_kv_cache(
@@ -155,22 +124,13 @@ def launch_write_kv_cache(
     direct: bool = False,
 ) -> None:
     """Scatter k/v [T, H_kv, D] into the caches at ``slot_mapping`` [T] (negative = skip)."""
-    num_tokens, num_kv_heads, head_dim = k.shape
-    plan = plan_write_kv_cache(num_tokens=num_tokens, num_kv_heads=num_kv_heads, head_dim=head_dim)
-    if num_tokens == 0:
-        return
-    _launcher(write_kv_cache_kernel, direct)[plan.grid](
-        k, v, slot_mapping, k_cache, v_cache,
-        k_cache, v_cache,
-        k_cache.shape[1],
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), k_cache.stride(3),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), v_cache.stride(3),
-        HEAD_DIM=head_dim,
-        HEAD_DIM_PAD=plan.head_dim_pad,
-        num_warps=plan.num_warps,
+    launches = write_kv_cache_launches(
+        kv_shape=tuple(k.shape), cache_shape=tuple(k_cache.shape), dtype=dtype_str(k_cache.dtype),
+        k_strides=tuple(k.stride()), v_strides=tuple(v.stride()),
+        k_cache_strides=tuple(k_cache.stride()), v_cache_strides=tuple(v_cache.stride()),
     )
+    arrays = dict(k=k, v=v, slot_mapping=slot_mapping, k_cache=k_cache, v_cache=v_cache)
+    run_launches(launches, arrays, functools.partial(_run_one, direct=direct, device=k.device))
 
 
 # The ops are the launch functions themselves (their schema carries ``direct``, always False

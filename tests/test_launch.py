@@ -1,0 +1,129 @@
+"""The one launch description (``sparse24.kernels.launch``): complete, checked, shared."""
+
+from __future__ import annotations
+
+import pytest
+
+from sparse24.kernels import launch as L
+from sparse24.kernels import planner
+
+CALL = dict(
+    q_shape=(37, 8, 64), dtype="bfloat16", cache_shape=(20, 16, 2, 64), num_seqs=3,
+    n=2, m=4, dense_sink_tokens=4, dense_recent_tokens=16, sparse_decode=False,
+    causal=True, softmax_scale=0.125, window=0, softcap=30.0,
+    max_seqlen_q=30, max_seqlen_k=300, store_lse=True,
+)
+
+
+def _bound(launch: L.KernelLaunch) -> list[str]:
+    return [p for p, _ in launch.inputs] + [o.param for o in launch.outputs] + list(launch.keywords)
+
+
+@pytest.mark.parametrize("splits", [None, 4])
+@pytest.mark.parametrize("store_lse", [True, False])
+def test_every_kernel_parameter_bound_once(splits, store_lse):
+    launches = L.unified_attention_launches(**dict(CALL, store_lse=store_lse, num_kv_splits=splits))
+    assert len(launches) == (1 if splits is None else 2)
+    for launch in launches:
+        names = L.kernel_arg_names(launch.kernel)
+        assert sorted(_bound(launch)) == sorted(names)
+        arrays = len(launch.inputs) + len(launch.outputs)
+        assert _bound(launch)[:arrays] == list(names[:arrays])  # jax-triton binds arrays by position
+        assert launch.keywords["STORE_LSE"] is store_lse
+    lse = [o for o in launches[-1].outputs if o.array == "lse"][0]
+    assert lse.shape == ((37, 8) if store_lse else (1, 1)) and lse.dtype == "float32"
+
+
+def test_flags_follow_the_options():
+    k = L.unified_attention_launches(**CALL)[0].keywords
+    assert (k["USE_WINDOW"], k["USE_SOFTCAP"], k["USE_SINK"], k["USE_RECENT"], k["SPARSE_DECODE"]) == (
+        False, True, True, True, False)
+    k = L.unified_attention_launches(**dict(CALL, window=8, softcap=0.0, dense_sink_tokens=0))[0].keywords
+    assert (k["USE_WINDOW"], k["USE_SOFTCAP"], k["USE_SINK"], k["window"]) == (True, False, False, 8)
+    d = L.unified_attention_launches(**dict(CALL, n=4, m=4))[0].keywords  # dense: no regions, no decode case
+    assert (d["NUM_SUBTILES"], d["USE_SINK"], d["USE_RECENT"], d["SPARSE_DECODE"]) == (1, False, False, True)
+
+
+def test_split_reduce_reads_the_main_partials():
+    main, reduce = L.unified_attention_launches(**dict(CALL, num_kv_splits=4))
+    assert reduce.input_arrays == ("segm_acc", "segm_max", "segm_sum")
+    assert set(reduce.input_arrays) <= set(main.output_arrays)
+    assert reduce.output_arrays == ("out", "lse")
+    acc = [o for o in main.outputs if o.array == "segm_acc"][0]
+    assert acc.shape[:3] == (37, 8, 4)
+    assert (reduce.num_warps, reduce.num_stages) == (4, 1)  # from the planner, not a launcher
+
+
+def test_strides_default_to_contiguous_and_are_passed_through():
+    a = L.unified_attention_launches(**CALL)[0].keywords
+    assert (a["stride_q_token"], a["stride_q_head"], a["stride_q_dim"]) == (8 * 64, 64, 1)
+    assert (a["stride_kc_block"], a["stride_kc_slot"], a["stride_kc_head"]) == (16 * 2 * 64, 2 * 64, 64)
+    b = L.unified_attention_launches(**CALL, v_cache_strides=(9999, 128, 1, 2), out_strides=(1, 37, 296))[0].keywords
+    assert (b["stride_vc_block"], b["stride_vc_head"], b["stride_vc_dim"]) == (9999, 1, 2)
+    assert b["stride_kc_block"] == a["stride_kc_block"]
+    assert (b["stride_out_token"], b["stride_out_head"], b["stride_out_dim"]) == (1, 37, 296)
+
+
+def test_description_is_memoised_and_follows_tuning():
+    first = L.unified_attention_launches(**CALL)
+    assert L.unified_attention_launches(**CALL) is first  # no per-call planning on the hot path
+    with planner.tuning(tile_n=32):
+        tuned = L.unified_attention_launches(**CALL)
+    assert tuned[0].keywords["TILE_N"] == 32 and first[0].keywords["TILE_N"] != 32
+    assert L.unified_attention_launches(**CALL) is first
+
+
+def test_stale_description_is_an_error():
+    (good,) = L.write_kv_cache_launches(kv_shape=(5, 2, 64), cache_shape=(4, 16, 2, 64), dtype="float16")
+    missing = dict(good.keywords)
+    missing.pop("stride_v_dim")
+    with pytest.raises(RuntimeError, match="missing \\['stride_v_dim'\\]"):
+        L._launch(good.kernel, good.grid, good.inputs, good.outputs, missing,
+                  num_warps=good.num_warps, num_stages=good.num_stages)
+    with pytest.raises(RuntimeError, match="array parameters"):
+        L._launch(good.kernel, good.grid, good.inputs[::-1], good.outputs, good.keywords,
+                  num_warps=good.num_warps, num_stages=good.num_stages)
+
+
+def test_write_launch_aliases_the_caches():
+    (w,) = L.write_kv_cache_launches(kv_shape=(5, 2, 64), cache_shape=(4, 16, 2, 64), dtype="float16")
+    assert w.input_arrays == ("k", "v", "slot_mapping", "k_cache", "v_cache")
+    assert w.output_arrays == ("k_cache", "v_cache") and w.input_output_aliases == ((3, 0), (4, 1))
+    assert w.keywords["block_size"] == 16
+    assert L.write_kv_cache_launches(kv_shape=(0, 2, 64), cache_shape=(4, 16, 2, 64), dtype="float16") == ()
+
+
+def test_torch_and_jax_launch_the_same_description():
+    """Both launchers ask the one description; for contiguous arrays they get equal launches."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("jax")
+    from sparse24 import SparsityConfig
+    from sparse24.jax_ops import _launch as jax_launch
+
+    cfg = SparsityConfig(n=2, m=4, dense_sink_tokens=4, dense_recent_tokens=16, sparse_decode=False)
+    q = torch.empty(CALL["q_shape"], dtype=torch.bfloat16)
+    kc = torch.empty(CALL["cache_shape"], dtype=torch.bfloat16)
+    bt = torch.empty((3, 19), dtype=torch.int32)
+    from_torch = L.unified_attention_launches(
+        **CALL, q_strides=q.stride(), k_cache_strides=kc.stride(), v_cache_strides=kc.stride(),
+        block_table_strides=bt.stride(), out_strides=q.stride())
+    from_jax = jax_launch.attention_calls(
+        q_shape=CALL["q_shape"], dtype="bfloat16", cache_shape=CALL["cache_shape"], block_table_shape=(3, 19),
+        num_seqs=3, config=cfg, causal=True, softmax_scale=0.125, window=0, softcap=30.0, max_seqlen_q=30,
+        max_seqlen_k=300, num_kv_splits=None, num_sms=None, interpret=False, store_lse=True)
+    assert from_torch == from_jax
+
+
+def test_run_launches_threads_named_arrays():
+    (main, reduce) = L.unified_attention_launches(**dict(CALL, num_kv_splits=2))
+    seen = []
+
+    def launch_fn(launch, inputs, env):
+        seen.append((launch.kernel, tuple(inputs)))
+        return [f"{launch.kernel.__name__}:{a}" for a in launch.output_arrays]
+
+    names = ("q", "k_cache", "v_cache", "block_table", "cu_seqlens_q", "seq_lens")
+    env = L.run_launches((main, reduce), {n: n for n in names}, launch_fn)
+    assert seen[0][1] == names
+    assert seen[1][1] == tuple(f"{main.kernel.__name__}:segm_{s}" for s in ("acc", "max", "sum"))
+    assert env["out"] == f"{reduce.kernel.__name__}:out"
