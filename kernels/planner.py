@@ -34,7 +34,7 @@ class AttentionPlan:
     block_m: int  # rows (query token x GQA head) per program
     block_q: int  # query tokens per program
     tile_n: int  # keys per loop iteration
-    num_subtiles: int  # M for N:M configs, 1 for dense
+    group_m: int  # M for N:M configs, 1 for dense
     n_keep: int
     member_stride: int  # column distance of a group's member halves (selection.tile_key_offsets)
     head_dim: int
@@ -70,7 +70,7 @@ class AttentionPlan:
         the kernel: mapping a key to its page is then a shift (or a cheap division), not a
         run-time integer division per key.
         """
-        sparse = self.num_subtiles > 1
+        sparse = self.group_m > 1
         if int(page_size) < 1:
             raise ValueError(f"page_size must be >= 1, got {page_size!r}")
         return dict(
@@ -81,7 +81,7 @@ class AttentionPlan:
             BLOCK_M=self.block_m,
             BLOCK_Q=self.block_q,
             TILE_N=self.tile_n,
-            NUM_SUBTILES=self.num_subtiles,
+            GROUP_M=self.group_m,
             N_KEEP=self.n_keep,
             MEMBER_STRIDE=self.member_stride,
             IS_CAUSAL=bool(causal),
@@ -185,7 +185,7 @@ def plan_unified_attention(
         raise ValueError(f"dtype must be one of {SUPPORTED_DTYPES}, got {dtype!r}")
     qpk = num_q_heads // num_kv_heads
     sparse = n < m
-    num_subtiles = m if sparse else 1
+    group_m = m if sparse else 1
     head_dim_pad = max(16, next_power_of_2(head_dim))
     is_fp32 = dtype == "float32"
 
@@ -249,20 +249,20 @@ def plan_unified_attention(
         member_stride = _TUNING.get("member_stride")
         if block_m < max(16, qpk) or block_m & (block_m - 1):
             raise ValueError(f"tuning block_m must be a power of two >= max(16, H_q/H_kv), got {block_m}")
-        if tile_n < (32 if num_subtiles == 8 else 16) or tile_n & (tile_n - 1):
+        if tile_n < (32 if group_m == 8 else 16) or tile_n & (tile_n - 1):
             raise ValueError(f"tuning tile_n must be a power of two >= 16 (>= 32 for M=8), got {tile_n}")
         block_q = block_m // qpk
         if member_stride is not None and (
             member_stride < 8
             or member_stride & (member_stride - 1)
-            or tile_n < member_stride * max(1, num_subtiles // 2)
+            or tile_n < member_stride * max(1, group_m // 2)
         ):
             raise ValueError(
                 f"tuning member_stride must be a power of two >= 8 with tile_n >= member_stride * M / 2, "
-                f"got {member_stride} (tile_n {tile_n}, M {num_subtiles})"
+                f"got {member_stride} (tile_n {tile_n}, M {group_m})"
             )
     if member_stride is None:
-        member_stride = member_stride_for(block_m=block_m, tile_n=tile_n, num_warps=num_warps, m=num_subtiles)
+        member_stride = member_stride_for(block_m=block_m, tile_n=tile_n, num_warps=num_warps, m=group_m)
 
     num_q_blocks = num_tokens // block_q + num_seqs
     num_tiles_k = max(1, cdiv(max(max_seqlen_k, 1), tile_n))
@@ -285,8 +285,8 @@ def plan_unified_attention(
         block_m=block_m,
         block_q=block_q,
         tile_n=tile_n,
-        num_subtiles=num_subtiles,
-        n_keep=n if sparse else num_subtiles,
+        group_m=group_m,
+        n_keep=n if sparse else group_m,
         member_stride=member_stride if sparse else 8,
         head_dim=head_dim,
         head_dim_pad=head_dim_pad,

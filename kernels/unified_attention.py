@@ -136,7 +136,7 @@ def _attend_tile(
     PAGE_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     TILE_N: tl.constexpr,
-    NUM_SUBTILES: tl.constexpr,
+    GROUP_M: tl.constexpr,
     N_KEEP: tl.constexpr,
     MEMBER_STRIDE: tl.constexpr,
     HEAD_DIM: tl.constexpr,
@@ -179,8 +179,8 @@ def _attend_tile(
         if USE_WINDOW:
             visible = visible & (query_pos[:, None] - key_idx[None, :] < window)
         score = tl.where(visible, score, float("-inf"))
-    if N_KEEP < NUM_SUBTILES:
-        keep = select_tile(score, N_KEEP, NUM_SUBTILES, BLOCK_M, TILE_N, MEMBER_STRIDE)
+    if N_KEEP < GROUP_M:
+        keep = select_tile(score, N_KEEP, GROUP_M, BLOCK_M, TILE_N, MEMBER_STRIDE)
         if MASKED:  # dense regions only reach masked tiles (the caller routes them there)
             keep = keep | row_dense
             if USE_SINK:
@@ -257,8 +257,8 @@ def unified_attention_kernel(
     BLOCK_M: tl.constexpr,  # rows per program (power of two >= 16)
     BLOCK_Q: tl.constexpr,  # query tokens per program = BLOCK_M // NUM_QUERIES_PER_KV
     TILE_N: tl.constexpr,  # keys per loop iteration
-    NUM_SUBTILES: tl.constexpr,  # M for N:M configs, 1 for dense
-    N_KEEP: tl.constexpr,  # N (== NUM_SUBTILES: no selection)
+    GROUP_M: tl.constexpr,  # M for N:M configs, 1 for dense
+    N_KEEP: tl.constexpr,  # N (== GROUP_M: no selection)
     MEMBER_STRIDE: tl.constexpr,  # column distance of a group's member halves (selection.tile_key_offsets)
     IS_CAUSAL: tl.constexpr,
     USE_WINDOW: tl.constexpr,
@@ -298,7 +298,7 @@ def unified_attention_kernel(
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     dim_valid = offs_d < HEAD_DIM
-    key_offs = tile_key_offsets(TILE_N, NUM_SUBTILES, MEMBER_STRIDE)  # [TILE_N]
+    key_offs = tile_key_offsets(TILE_N, GROUP_M, MEMBER_STRIDE)  # [TILE_N]
 
     query_local = q_block_local * BLOCK_Q + offs_m // NUM_QUERIES_PER_KV  # [BLOCK_M]
     q_head = kv_head * NUM_QUERIES_PER_KV + offs_m % NUM_QUERIES_PER_KV  # [BLOCK_M]
@@ -368,7 +368,7 @@ def unified_attention_kernel(
                 softcap, window, dense_sink_tokens, dense_recent_tokens, stride_bt_page,
                 stride_kc_block, stride_kc_slot, stride_kc_head, stride_kc_dim,
                 stride_vc_block, stride_vc_slot, stride_vc_head, stride_vc_dim, offs_d,
-                PAGE_SIZE, BLOCK_M, TILE_N, NUM_SUBTILES, N_KEEP, MEMBER_STRIDE, HEAD_DIM, HEAD_DIM_PAD, True, IS_CAUSAL, USE_WINDOW,
+                PAGE_SIZE, BLOCK_M, TILE_N, GROUP_M, N_KEEP, MEMBER_STRIDE, HEAD_DIM, HEAD_DIM_PAD, True, IS_CAUSAL, USE_WINDOW,
                 USE_SOFTCAP, USE_SINK, USE_RECENT, UPCAST_OPERANDS, DOT_PRECISION)
     for tile in range(mid_lo, mid_hi):
         acc, m_i, l_i = _attend_tile(
@@ -377,7 +377,7 @@ def unified_attention_kernel(
             softcap, window, dense_sink_tokens, dense_recent_tokens, stride_bt_page,
             stride_kc_block, stride_kc_slot, stride_kc_head, stride_kc_dim,
             stride_vc_block, stride_vc_slot, stride_vc_head, stride_vc_dim, offs_d,
-            PAGE_SIZE, BLOCK_M, TILE_N, NUM_SUBTILES, N_KEEP, MEMBER_STRIDE, HEAD_DIM, HEAD_DIM_PAD, False, IS_CAUSAL, USE_WINDOW,
+            PAGE_SIZE, BLOCK_M, TILE_N, GROUP_M, N_KEEP, MEMBER_STRIDE, HEAD_DIM, HEAD_DIM_PAD, False, IS_CAUSAL, USE_WINDOW,
             USE_SOFTCAP, USE_SINK, USE_RECENT, UPCAST_OPERANDS, DOT_PRECISION)
     for tile in range(mid_hi, tile_hi):
         acc, m_i, l_i = _attend_tile(
@@ -386,7 +386,7 @@ def unified_attention_kernel(
             softcap, window, dense_sink_tokens, dense_recent_tokens, stride_bt_page,
             stride_kc_block, stride_kc_slot, stride_kc_head, stride_kc_dim,
             stride_vc_block, stride_vc_slot, stride_vc_head, stride_vc_dim, offs_d,
-            PAGE_SIZE, BLOCK_M, TILE_N, NUM_SUBTILES, N_KEEP, MEMBER_STRIDE, HEAD_DIM, HEAD_DIM_PAD, True, IS_CAUSAL, USE_WINDOW,
+            PAGE_SIZE, BLOCK_M, TILE_N, GROUP_M, N_KEEP, MEMBER_STRIDE, HEAD_DIM, HEAD_DIM_PAD, True, IS_CAUSAL, USE_WINDOW,
             USE_SOFTCAP, USE_SINK, USE_RECENT, UPCAST_OPERANDS, DOT_PRECISION)
 
     if NUM_SEGMENTS == 1:

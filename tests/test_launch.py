@@ -41,7 +41,7 @@ def test_flags_follow_the_options():
     k = L.unified_attention_launches(**dict(CALL, window=8, softcap=0.0, dense_sink_tokens=0))[0].keywords
     assert (k["USE_WINDOW"], k["USE_SOFTCAP"], k["USE_SINK"], k["window"]) == (True, False, False, 8)
     d = L.unified_attention_launches(**dict(CALL, n=4, m=4))[0].keywords  # dense: no regions, no decode case
-    assert (d["NUM_SUBTILES"], d["USE_SINK"], d["USE_RECENT"], d["SPARSE_DECODE"]) == (1, False, False, True)
+    assert (d["GROUP_M"], d["USE_SINK"], d["USE_RECENT"], d["SPARSE_DECODE"]) == (1, False, False, True)
 
 
 def test_split_reduce_reads_the_main_partials():

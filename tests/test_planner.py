@@ -153,11 +153,11 @@ def test_invariants(nm):
         assert p.block_q == p.block_m // (hq // hkv) >= 1, ctx
         assert p.tile_n % m == 0, ctx  # groups never straddle a tile
         if n < m:
-            assert p.num_subtiles == m and p.n_keep == n, ctx
+            assert p.group_m == m and p.n_keep == n, ctx
             # the member-interleaved column order needs 16 (M=4) / 32 (M=8) keys per tile
             assert p.tile_n >= (32 if m == 8 else 16), ctx
         else:
-            assert p.num_subtiles == 1 and p.n_keep == 1, ctx
+            assert p.group_m == 1 and p.n_keep == 1, ctx
             assert p.tile_n >= 16, ctx
         assert p.head_dim_pad >= max(16, d) and is_pow2(p.head_dim_pad), ctx
         assert p.num_warps in (4, 8, 16) and p.num_stages >= 1, ctx
@@ -176,9 +176,9 @@ def test_tile_n_table(m, n_of):
     small = decode(n=n, m=m)  # block_m 16
     for p in (big, small):
         if n_of == "dense":
-            assert p.num_subtiles == 1
+            assert p.group_m == 1
         else:
-            assert p.num_subtiles == m
+            assert p.group_m == m
             assert p.tile_n >= (32 if m == 8 else 16)
         assert p.tile_n % m == 0
 
@@ -315,7 +315,7 @@ def test_kernel_constexprs_values():
     p = decode(num_kv_splits=4)
     c = p.kernel_constexprs(**FLAGS)
     assert c["BLOCK_M"] == p.block_m and c["BLOCK_Q"] == p.block_q and c["TILE_N"] == p.tile_n
-    assert c["NUM_SEGMENTS"] == 4 and c["NUM_SUBTILES"] == 4 and c["N_KEEP"] == 2
+    assert c["NUM_SEGMENTS"] == 4 and c["GROUP_M"] == 4 and c["N_KEEP"] == 2
     assert c["HEAD_DIM"] == 128 and c["HEAD_DIM_PAD"] == 128 and c["NUM_QUERIES_PER_KV"] == 4
     assert c["PAGE_SIZE"] == 16
     assert c["IS_CAUSAL"] is True and c["USE_WINDOW"] is False and c["USE_SOFTCAP"] is True
@@ -324,7 +324,7 @@ def test_kernel_constexprs_values():
     assert (c["num_warps"], c["num_stages"]) == (p.num_warps, p.num_stages)
     # dense: no dense regions, no decode special case (everything is dense anyway)
     d = decode(n=4, m=4).kernel_constexprs(**FLAGS)
-    assert d["NUM_SUBTILES"] == 1 and d["USE_SINK"] is False and d["USE_RECENT"] is False
+    assert d["GROUP_M"] == 1 and d["USE_SINK"] is False and d["USE_RECENT"] is False
     assert d["SPARSE_DECODE"] is True
     r = p.reduce_constexprs(store_lse=False)
     assert r == dict(HEAD_DIM=128, HEAD_DIM_PAD=128, NUM_SEGMENTS=4, STORE_LSE=False, num_warps=r["num_warps"],
