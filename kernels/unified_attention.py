@@ -107,50 +107,38 @@ def _attend_tile(
     m_i,  # [BLOCK_M] fp32 running max of the logits, log2 units
     l_i,  # [BLOCK_M] fp32 running sum of exp2(logit - m_i)
     q,  # [BLOCK_M, HEAD_DIM_PAD]
-    k_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_dim]
-    v_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_dim]
-    block_table_row_ptr,  # [max_blocks_per_seq] int32, this sequence's row
     tile,  # index of the key tile (keys tile * TILE_N ...)
-    key_offs,  # [TILE_N] int32 key offset of each column (selection.tile_key_offsets)
-    query_pos,  # [BLOCK_M] int32 absolute position p of each row
-    row_valid,  # [BLOCK_M] bool
-    row_dense,  # scalar bool: the whole row is dense (decode rows without SPARSE_DECODE)
-    kv_len,
-    kv_head,
-    softmax_scale,  # fp32
-    logit_scale,  # fp32: factor from the selection score to log2-unit logits
-    softcap,
-    window,
-    dense_sink_tokens,
-    dense_recent_tokens,
-    stride_bt_page,
-    stride_kc_block,
-    stride_kc_slot,
-    stride_kc_head,
-    stride_kc_dim,
-    stride_vc_block,
-    stride_vc_slot,
-    stride_vc_head,
-    stride_vc_dim,
+    seq,  # this sequence and KV head (see _attend_range)
+    rows,  # the rows of this program (see _attend_range)
+    scalars,  # the run-time options (see _attend_range)
+    k_strides,  # (block, slot, head, dim) element strides of k_cache
+    v_strides,  # (block, slot, head, dim) element strides of v_cache
     offs_d,  # [HEAD_DIM_PAD]
-    PAGE_SIZE: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    TILE_N: tl.constexpr,
-    GROUP_M: tl.constexpr,
-    N_KEEP: tl.constexpr,
-    MEMBER_STRIDE: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    HEAD_DIM_PAD: tl.constexpr,
+    TILES: tl.constexpr,  # (PAGE_SIZE, BLOCK_M, TILE_N, GROUP_M, N_KEEP, MEMBER_STRIDE, HEAD_DIM, HEAD_DIM_PAD)
+    FLAGS: tl.constexpr,  # (IS_CAUSAL, USE_WINDOW, USE_SOFTCAP, USE_SINK, USE_RECENT, UPCAST_OPERANDS, DOT_PRECISION)
     MASKED: tl.constexpr,  # False: every key of the tile is visible to every row, none is in a dense region
-    IS_CAUSAL: tl.constexpr,
-    USE_WINDOW: tl.constexpr,
-    USE_SOFTCAP: tl.constexpr,
-    USE_SINK: tl.constexpr,
-    USE_RECENT: tl.constexpr,
-    UPCAST_OPERANDS: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
 ):
     """One online-softmax step over key tile ``tile``. Returns (acc, m_i, l_i)."""
+    k_cache_ptr, v_cache_ptr, block_table_row_ptr, key_offs, kv_len, kv_head, stride_bt_page = seq
+    query_pos, row_valid, row_dense = rows
+    softmax_scale, logit_scale, softcap, window, dense_sink_tokens, dense_recent_tokens = scalars
+    stride_kc_block, stride_kc_slot, stride_kc_head, stride_kc_dim = k_strides
+    stride_vc_block, stride_vc_slot, stride_vc_head, stride_vc_dim = v_strides
+    PAGE_SIZE: tl.constexpr = TILES[0]
+    BLOCK_M: tl.constexpr = TILES[1]
+    TILE_N: tl.constexpr = TILES[2]
+    GROUP_M: tl.constexpr = TILES[3]
+    N_KEEP: tl.constexpr = TILES[4]
+    MEMBER_STRIDE: tl.constexpr = TILES[5]
+    HEAD_DIM: tl.constexpr = TILES[6]
+    HEAD_DIM_PAD: tl.constexpr = TILES[7]
+    IS_CAUSAL: tl.constexpr = FLAGS[0]
+    USE_WINDOW: tl.constexpr = FLAGS[1]
+    USE_SOFTCAP: tl.constexpr = FLAGS[2]
+    USE_SINK: tl.constexpr = FLAGS[3]
+    USE_RECENT: tl.constexpr = FLAGS[4]
+    UPCAST_OPERANDS: tl.constexpr = FLAGS[5]
+    DOT_PRECISION: tl.constexpr = FLAGS[6]
     key_idx = tile * TILE_N + key_offs  # [TILE_N] absolute key of each column
     key_valid = key_idx < kv_len  # [TILE_N]
     logical_page = key_idx // PAGE_SIZE
@@ -207,6 +195,29 @@ def _attend_tile(
         p_in = p_in.to(tl.float32)
     acc = acc * alpha[:, None] + tl.dot(p_in, v, input_precision=DOT_PRECISION)
     return acc, m_new, l_i
+
+
+@triton.jit
+def _attend_range(
+    acc, m_i, l_i,  # the running online-softmax state (see _attend_tile)
+    q,  # [BLOCK_M, HEAD_DIM_PAD]
+    tile_lo,
+    tile_hi,  # key tiles [tile_lo, tile_hi)
+    seq,  # (k_cache_ptr, v_cache_ptr, block_table_row_ptr [max_blocks_per_seq], key_offs [TILE_N], kv_len, kv_head, stride_bt_page)
+    rows,  # (query_pos [BLOCK_M] int32, row_valid [BLOCK_M] bool, row_dense scalar bool)
+    scalars,  # (softmax_scale, logit_scale, softcap, window, dense_sink_tokens, dense_recent_tokens)
+    k_strides,
+    v_strides,
+    offs_d,
+    TILES: tl.constexpr,
+    FLAGS: tl.constexpr,
+    MASKED: tl.constexpr,
+):
+    """``_attend_tile`` over the key tiles [tile_lo, tile_hi). Returns (acc, m_i, l_i)."""
+    for tile in range(tile_lo, tile_hi):
+        acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, tile, seq, rows, scalars, k_strides, v_strides, offs_d,
+                                     TILES, FLAGS, MASKED)
+    return acc, m_i, l_i
 
 
 @triton.jit
@@ -360,34 +371,21 @@ def unified_attention_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
 
+    seq = (k_cache_ptr, v_cache_ptr, block_table_row_ptr, key_offs, kv_len, kv_head, stride_bt_page)
+    rows = (query_pos, row_valid, row_dense)
+    scalars = (softmax_scale, logit_scale, softcap, window, dense_sink_tokens, dense_recent_tokens)
+    k_strides = (stride_kc_block, stride_kc_slot, stride_kc_head, stride_kc_dim)
+    v_strides = (stride_vc_block, stride_vc_slot, stride_vc_head, stride_vc_dim)
+    TILES: tl.constexpr = (PAGE_SIZE, BLOCK_M, TILE_N, GROUP_M, N_KEEP, MEMBER_STRIDE, HEAD_DIM, HEAD_DIM_PAD)
+    FLAGS: tl.constexpr = (IS_CAUSAL, USE_WINDOW, USE_SOFTCAP, USE_SINK, USE_RECENT, UPCAST_OPERANDS, DOT_PRECISION)
+    # Masked edge tiles (window start, sink), the unmasked middle, the masked diagonal / recent band.
     if USE_WINDOW or USE_SINK:
-        for tile in range(tile_lo, mid_lo):
-            acc, m_i, l_i = _attend_tile(
-                acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, block_table_row_ptr, tile, key_offs,
-                query_pos, row_valid, row_dense, kv_len, kv_head, softmax_scale, logit_scale,
-                softcap, window, dense_sink_tokens, dense_recent_tokens, stride_bt_page,
-                stride_kc_block, stride_kc_slot, stride_kc_head, stride_kc_dim,
-                stride_vc_block, stride_vc_slot, stride_vc_head, stride_vc_dim, offs_d,
-                PAGE_SIZE, BLOCK_M, TILE_N, GROUP_M, N_KEEP, MEMBER_STRIDE, HEAD_DIM, HEAD_DIM_PAD, True, IS_CAUSAL, USE_WINDOW,
-                USE_SOFTCAP, USE_SINK, USE_RECENT, UPCAST_OPERANDS, DOT_PRECISION)
-    for tile in range(mid_lo, mid_hi):
-        acc, m_i, l_i = _attend_tile(
-            acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, block_table_row_ptr, tile, key_offs,
-            query_pos, row_valid, row_dense, kv_len, kv_head, softmax_scale, logit_scale,
-            softcap, window, dense_sink_tokens, dense_recent_tokens, stride_bt_page,
-            stride_kc_block, stride_kc_slot, stride_kc_head, stride_kc_dim,
-            stride_vc_block, stride_vc_slot, stride_vc_head, stride_vc_dim, offs_d,
-            PAGE_SIZE, BLOCK_M, TILE_N, GROUP_M, N_KEEP, MEMBER_STRIDE, HEAD_DIM, HEAD_DIM_PAD, False, IS_CAUSAL, USE_WINDOW,
-            USE_SOFTCAP, USE_SINK, USE_RECENT, UPCAST_OPERANDS, DOT_PRECISION)
-    for tile in range(mid_hi, tile_hi):
-        acc, m_i, l_i = _attend_tile(
-            acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, block_table_row_ptr, tile, key_offs,
-            query_pos, row_valid, row_dense, kv_len, kv_head, softmax_scale, logit_scale,
-            softcap, window, dense_sink_tokens, dense_recent_tokens, stride_bt_page,
-            stride_kc_block, stride_kc_slot, stride_kc_head, stride_kc_dim,
-            stride_vc_block, stride_vc_slot, stride_vc_head, stride_vc_dim, offs_d,
-            PAGE_SIZE, BLOCK_M, TILE_N, GROUP_M, N_KEEP, MEMBER_STRIDE, HEAD_DIM, HEAD_DIM_PAD, True, IS_CAUSAL, USE_WINDOW,
-            USE_SOFTCAP, USE_SINK, USE_RECENT, UPCAST_OPERANDS, DOT_PRECISION)
+        acc, m_i, l_i = _attend_range(acc, m_i, l_i, q, tile_lo, mid_lo, seq, rows, scalars, k_strides, v_strides,
+                                      offs_d, TILES, FLAGS, True)
+    acc, m_i, l_i = _attend_range(acc, m_i, l_i, q, mid_lo, mid_hi, seq, rows, scalars, k_strides, v_strides,
+                                  offs_d, TILES, FLAGS, False)
+    acc, m_i, l_i = _attend_range(acc, m_i, l_i, q, mid_hi, tile_hi, seq, rows, scalars, k_strides, v_strides,
+                                  offs_d, TILES, FLAGS, True)
 
     if NUM_SEGMENTS == 1:
         l_safe = tl.where(l_i == 0.0, 1.0, l_i)
