@@ -1,9 +1,11 @@
 """Public JAX ops: the same kernels as ``sparse24.torch_ops``, name for name.
 
-Inference only (no gradients). Validated with the same code and messages as the torch
-side (``sparse24.validation``). Works under ``jax.jit`` (lengths, offsets and block
-tables are traced arrays, so a decode loop does not retrace), ``jax.vmap`` (a batching
-rule folds the mapped axis into more sequences), and ``shard_map`` (per device).
+Inference only (no gradients). Every entry point checks its arguments once, through the one
+input contract shared with the torch ops and the references (``sparse24.validation``: the
+same code and the same messages), then runs without checking again, whatever the backend.
+Arrays are ``jax.Array`` or ``numpy.ndarray``. Works under ``jax.jit`` (lengths, offsets
+and block tables are traced arrays, so a decode loop does not retrace), ``jax.vmap`` (a
+batching rule folds the mapped axis into more sequences), and ``shard_map`` (per device).
 """
 
 from __future__ import annotations
@@ -14,29 +16,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sparse24 import layouts as _layouts
 from sparse24.backends import resolve_backend as _resolve_backend
 from sparse24.config import SparsityConfig
 from sparse24.validation import (
-    SEQ_LENS_SHAPE,
-    check_array,
-    check_dtype,
-    check_lengths,
-    check_max_seqlens,
-    check_num_kv_splits,
-    check_options,
-    check_padded_attention_args,
-    check_unified_attention_args,
+    check_arrays,
     check_write_kv_cache_args,
-    resolve_config,
+    prepare_padded_attention,
+    prepare_unified_attention,
 )
 
 from . import _launch
-
-
-def _check_arrays(**arrays) -> None:
-    for name, x in arrays.items():
-        if not isinstance(x, (jax.Array, np.ndarray)):
-            raise TypeError(f"{name} must be a jax.Array, got {type(x).__name__}")
 
 
 def _is_traced(*arrays) -> bool:
@@ -48,30 +38,51 @@ def _on_gpu() -> bool:
 
 
 def resolve_backend(backend: str) -> str:
-    """JAX backends: "auto" = the jax-triton kernel on a GPU, else the jnp reference."""
-    return _resolve_backend(backend, on_cuda=_on_gpu(), auto_interprets=False)
+    """``sparse24.backends.resolve_backend`` for JAX: "auto" = the jax-triton kernel when the
+    default backend is a GPU, the interpreter in an interpreting process, else the jnp
+    reference (the same meaning as for torch)."""
+    return _resolve_backend(backend, "jax", on_gpu=_on_gpu())
+
+
+def _host_metadata(cu_seqlens_q, seq_lens, block_table):
+    """``read_metadata`` of the contract: host copies, or None when any of them is traced."""
+    if _is_traced(block_table, cu_seqlens_q, seq_lens):
+        return None
+    return np.asarray(cu_seqlens_q), np.asarray(seq_lens), np.asarray(block_table)
+
+
+def _in_host_memory(x) -> bool:
+    """Reading ``x`` costs no device sync: a numpy array, or a concrete array on a CPU device."""
+    if isinstance(x, np.ndarray):
+        return True
+    if _is_traced(x):
+        return False
+    return all(d.platform == "cpu" for d in x.devices())
 
 
 def _run_unified(backend, statics, q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens):
-    """One unbatched call; returns (out [T, H_q, D] in q's dtype, lse f32 [T, H_q])."""
-    (cfg, causal, scale, window, softcap, max_q, max_k, splits) = statics
-    if backend == "reference":
-        from sparse24.jax_reference import unified_attention_jax_reference
+    """One unbatched call; returns ``(out [T, H_q, D] in q's dtype,)``, plus ``lse`` f32
+    [T, H_q] when the statics ask for it (the kernel's STORE_LSE, as in torch)."""
+    (cfg, causal, scale, window, softcap, max_q, max_k, splits, store_lse) = statics
+    if backend == "reference":  # checked already: straight to the computation
+        from sparse24.jax_reference import _forward
 
-        return unified_attention_jax_reference(
+        out, lse = _forward(
             q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, config=cfg, causal=causal,
-            softmax_scale=scale, window=window or None, softcap=softcap or None, return_lse=True,
+            scale=scale, window=window, softcap=softcap, chunk_size=256, query_chunk=128,
         )
-    calls = _launch.attention_calls(
+        return (out, lse) if store_lse else (out,)
+    launches = _launch.attention_calls(
         q_shape=q.shape, dtype=q.dtype, cache_shape=k_cache.shape, block_table_shape=block_table.shape,
         num_seqs=int(seq_lens.shape[0]), config=cfg, causal=causal, softmax_scale=scale, window=window,
         softcap=softcap, max_seqlen_q=max_q, max_seqlen_k=max_k, num_kv_splits=splits,
         num_sms=_num_sms() if backend == "triton" else None, interpret=backend == "interpret",
+        store_lse=store_lse,
     )
     run = _launch.run_triton if backend == "triton" else _launch.run_interpret
-    out, lse = run(calls, _launch.ATTENTION_INPUTS, ("out", "lse"), q, k_cache, v_cache, block_table,
-                   cu_seqlens_q, seq_lens)
-    return out, lse
+    results = ("out", "lse") if store_lse else ("out",)
+    return tuple(run(launches, _launch.ATTENTION_INPUTS, results, q, k_cache, v_cache, block_table,
+                     cu_seqlens_q, seq_lens))
 
 
 @functools.lru_cache(maxsize=None)
@@ -107,9 +118,10 @@ def _fold_batch(axis_size, in_batched, q, k_cache, v_cache, block_table, cu_seql
     )
 
 
+@functools.lru_cache(maxsize=256)
 def _unified_primitive(backend, statics):
     """The op with a vmap rule (jax-triton refuses vmap; the rule makes every backend batch
-    the same way, so CPU tests cover it)."""
+    the same way, so CPU tests cover it); one per (backend, statics), built once."""
 
     @jax.custom_batching.custom_vmap
     def op(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens):
@@ -119,10 +131,8 @@ def _unified_primitive(backend, statics):
     def _rule(axis_size, in_batched, q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens):
         num_tokens = q.shape[1] if in_batched[0] else q.shape[0]
         folded = _fold_batch(axis_size, in_batched, q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens)
-        out, lse = op(*folded)
-        out = out.reshape((axis_size, num_tokens) + out.shape[1:])
-        lse = lse.reshape((axis_size, num_tokens) + lse.shape[1:])
-        return (out, lse), (True, True)
+        results = tuple(r.reshape((axis_size, num_tokens) + r.shape[1:]) for r in op(*folded))
+        return results, tuple(True for _ in results)
 
     return op
 
@@ -148,50 +158,54 @@ def unified_attention(
 ):
     """N:M-sparse attention over a paged KV cache (see ``sparse24.torch_ops.unified_attention``).
 
+    The same contract as the torch op (``sparse24.validation.prepare_unified_attention``).
+
     Args:
-      q: [num_tokens, num_q_heads, head_dim] f32 | bf16 | f16.
+      q: [num_tokens, num_q_heads, head_dim] f32 | bf16 | f16 (a ``jax.Array`` or a
+        ``numpy.ndarray``, as every array argument).
       k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim], q's dtype.
       block_table: i32[num_seqs, max_blocks_per_seq].
-      cu_seqlens_q: i32[num_seqs + 1]; seq_lens: i32[num_seqs] (keys incl. the new tokens).
-        These may be traced (jit): only shapes and the keyword options are static.
+      cu_seqlens_q: i32[num_seqs + 1], starts at 0, ends at num_tokens; seq_lens:
+        i32[num_seqs] (keys incl. the new tokens, >= each q_len). These may be traced (jit):
+        only shapes and the keyword options are static.
       config, causal, softmax_scale, window, softcap: static options, as in torch_ops.
       return_lse: also return f32[num_tokens, num_q_heads] (natural log).
-      max_seqlen_q, max_seqlen_k: static launch hints (upper bounds). When the metadata is
-        concrete they are read from it (and the metadata is validated); under jit they
+      max_seqlen_q, max_seqlen_k: static launch hints (upper bounds); given, the metadata is
+        not read (the caller vouches for it). Else, when the metadata is concrete, they are
+        read from it and the metadata is checked (a device-to-host copy); under jit they
         default to 1 for a decode-shaped batch (num_tokens == num_seqs) else num_tokens,
         and max_blocks_per_seq * block_size. Results never depend on them.
       num_kv_splits: force a split-KV count (power of two <= 64); results do not depend on it.
-      backend: "auto" (jax-triton kernel on a GPU, else "reference") | "triton" |
-        "interpret" (the Triton kernel in the CPU interpreter through a host callback;
+      backend: "auto" (the same meaning as for torch: the jax-triton kernel when JAX's default
+        backend is a GPU, "interpret" in an interpreting process, else "reference") | "triton"
+        | "interpret" (the Triton kernel in the CPU interpreter through a host callback;
         needs TRITON_INTERPRET=1 before triton is imported) | "reference" (jax.numpy).
 
     Returns:
       out [num_tokens, num_q_heads, head_dim] in q's dtype, or ``(out, lse)``.
     """
-    cfg = resolve_config(config)
-    _check_arrays(q=q, k_cache=k_cache, v_cache=v_cache, block_table=block_table,
-                  cu_seqlens_q=cu_seqlens_q, seq_lens=seq_lens)
-    dims = check_unified_attention_args(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens)
-    opts = check_options(dims.head_dim, softmax_scale, window, softcap, causal)
-    check_max_seqlens(max_seqlen_q, max_seqlen_k)
-    check_num_kv_splits(num_kv_splits)
-    if not isinstance(return_lse, bool):
-        raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
+    prepared = prepare_unified_attention(
+        q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, framework="jax", config=config,
+        causal=causal, softmax_scale=softmax_scale, window=window, softcap=softcap, return_lse=return_lse,
+        max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, num_kv_splits=num_kv_splits,
+        read_metadata=lambda: _host_metadata(cu_seqlens_q, seq_lens, block_table),
+    )
     chosen = resolve_backend(backend)
-    if max_seqlen_q is None:
-        if not _is_traced(block_table, cu_seqlens_q, seq_lens):
-            max_seqlen_q, max_seqlen_k = check_lengths(
-                np.asarray(cu_seqlens_q), np.asarray(seq_lens), np.asarray(block_table), dims
-            )
-        else:
-            max_seqlen_q = 1 if dims.num_tokens == dims.num_seqs else dims.num_tokens
-            max_seqlen_k = dims.max_blocks_per_seq * dims.block_size
-    q, k_cache, v_cache = jnp.asarray(q), jnp.asarray(k_cache), jnp.asarray(v_cache)
-    statics = (cfg, bool(causal), opts.softmax_scale, opts.window, opts.softcap,
-               int(max_seqlen_q), int(max_seqlen_k), None if num_kv_splits is None else int(num_kv_splits))
-    op = _unified_primitive(chosen, statics)
-    out, lse = op(q, k_cache, v_cache, jnp.asarray(block_table), jnp.asarray(cu_seqlens_q), jnp.asarray(seq_lens))
-    return (out, lse) if return_lse else out
+    results = _call(chosen, prepared.config, prepared.options, prepared.max_seqlen_q, prepared.max_seqlen_k,
+                    prepared.num_kv_splits, q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens,
+                    return_lse=prepared.return_lse)
+    return results if prepared.return_lse else results[0]
+
+
+def _call(backend, cfg, opts, max_seqlen_q, max_seqlen_k, num_kv_splits, q, k_cache, v_cache, block_table,
+          cu_seqlens_q, seq_lens, *, return_lse: bool):
+    """Checked inputs -> ``(out [T, H_q, D],)`` or ``(out, lse f32 [T, H_q])`` on a resolved
+    backend (no validation here; ``cu_seqlens_q[-1] <= T`` is fine: rows past it belong to
+    no sequence)."""
+    statics = (cfg, opts.causal, opts.softmax_scale, opts.window, opts.softcap,
+               int(max_seqlen_q), int(max_seqlen_k), num_kv_splits, bool(return_lse))
+    op = _unified_primitive(backend, statics)
+    return op(*(jnp.asarray(x) for x in (q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens)))
 
 
 def attention(
@@ -211,53 +225,35 @@ def attention(
 
     Same semantics as ``sparse24.torch_ops.attention``: row b's first ``seq_lens[b]`` keys
     are real (default all); its first ``q_len = min(seqlen_q, seq_lens[b])`` query rows are
-    real and bottom-right aligned; other rows output zeros. K/V are handed to the kernel as
-    a paged cache with one page per row (no copy). ``seq_lens`` may be traced.
+    real and bottom-right aligned; other rows output zeros. A thin caller of the unified
+    kernel (``sparse24.layouts``): K/V are handed over as a paged cache with one page per
+    row (no copy), with the static maxima ``seqlen_q`` / ``seqlen_k`` (upper bounds), so the
+    metadata is never read on the host; the real rows are packed and unpacked by gathers.
+    ``seq_lens`` may be traced.
 
     Args:
-      q: [batch, seqlen_q, num_q_heads, head_dim]; k, v: [batch, seqlen_k, num_kv_heads, head_dim].
-      seq_lens: optional i32[batch].
+      q: [batch, seqlen_q, num_q_heads, head_dim] f32 | bf16 | f16; k, v: [batch, seqlen_k,
+        num_kv_heads, head_dim], q's dtype (``jax.Array`` or ``numpy.ndarray``).
+      seq_lens: optional i32[batch]. Its values must lie in ``[0, seqlen_k]``: checked (a
+        ValueError) when it sits in host memory (a numpy array, or a concrete array on a CPU
+        device: no device sync); traced or on a GPU it is not read, and values outside the
+        range are clamped to it.
+      causal, config, softmax_scale, window, softcap, backend: as in ``unified_attention``.
 
     Returns:
       [batch, seqlen_q, num_q_heads, head_dim] in q's dtype.
     """
-    _check_arrays(q=q, k=k, v=v)
-    batch, seqlen_q, seqlen_k, num_q_heads, _, head_dim = check_padded_attention_args(q, k, v)
-    if seqlen_k < 1:
-        raise ValueError(f"k must have shape [batch, seqlen_k, num_kv_heads, head_dim] with seqlen_k >= 1, got {list(k.shape)}")
-    block_table = jnp.arange(batch, dtype=jnp.int32)[:, None]
-    max_q = 1 if seqlen_q == 1 else seqlen_q
-    kwargs = dict(config=config, causal=causal, softmax_scale=softmax_scale, window=window, softcap=softcap,
-                  max_seqlen_q=max_q, max_seqlen_k=seqlen_k, backend=backend)
-    if seq_lens is None:
-        cu = jnp.arange(batch + 1, dtype=jnp.int32) * seqlen_q
-        kv_lens = jnp.full((batch,), seqlen_k, jnp.int32)
-        out = unified_attention(jnp.reshape(q, (batch * seqlen_q, num_q_heads, head_dim)), k, v, block_table, cu,
-                                kv_lens, **kwargs)
-        return out.reshape(q.shape)
-    _check_arrays(seq_lens=seq_lens)
-    check_array("seq_lens", seq_lens, SEQ_LENS_SHAPE, 1)
-    check_dtype("seq_lens", seq_lens, ("int32",))
-    if seq_lens.shape[0] != batch:
-        raise ValueError(f"seq_lens must have shape {SEQ_LENS_SHAPE} with num_seqs = batch = {batch}, got {list(seq_lens.shape)}")
-    if not _is_traced(seq_lens):
-        host = np.asarray(seq_lens)
-        if (host < 0).any() or (host > seqlen_k).any():
-            raise ValueError(f"seq_lens must hold values in [0, seqlen_k = {seqlen_k}]")
-    seq_lens = jnp.asarray(seq_lens)
-    q_lens = jnp.minimum(seqlen_q, seq_lens)  # [batch]
-    cu = jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(q_lens).astype(jnp.int32)])
-    rows = jnp.arange(seqlen_q, dtype=jnp.int32)[None, :]  # [1, seqlen_q]
-    real = rows < q_lens[:, None]  # [batch, seqlen_q]
-    total = batch * seqlen_q
-    dest = jnp.where(real, cu[:-1, None] + rows, total).reshape(-1)  # packed row of each (b, i); total = drop
-    q_packed = jnp.zeros((total, num_q_heads, head_dim), q.dtype).at[dest].set(
-        jnp.reshape(q, (total, num_q_heads, head_dim)), mode="drop")
-    # Packed rows past cu[-1] belong to no sequence: the kernel leaves them unwritten and
-    # they are never read back below.
-    out_packed = unified_attention(q_packed, k, v, block_table, cu, seq_lens, **kwargs)
-    out = jnp.where(real.reshape(-1)[:, None, None], out_packed[jnp.minimum(dest, total - 1)], 0)
-    return out.reshape(q.shape).astype(q.dtype)
+    prepared = prepare_padded_attention(
+        q, k, v, seq_lens, framework="jax", config=config, causal=causal, softmax_scale=softmax_scale,
+        window=window, softcap=softcap,
+        read_seq_lens=lambda: np.asarray(seq_lens) if _in_host_memory(seq_lens) else None,
+    )
+    chosen = resolve_backend(backend)
+    layout = _layouts.padded_layout_jnp(prepared.batch, prepared.seqlen_q, prepared.seqlen_k, seq_lens)
+    q_packed = _layouts.pack_padded_jnp(jnp.asarray(q), layout)
+    (out,) = _call(chosen, prepared.config, prepared.options, prepared.seqlen_q, prepared.seqlen_k, None,
+                   q_packed, k, v, layout.block_table, layout.cu_seqlens_q, layout.seq_lens, return_lse=False)
+    return _layouts.unpack_padded_jnp(out, layout, tuple(q.shape))
 
 
 def write_kv_cache(k, v, k_cache, v_cache, slot_mapping, *, backend: str = "auto"):
@@ -270,7 +266,7 @@ def write_kv_cache(k, v, k_cache, v_cache, slot_mapping, *, backend: str = "auto
       k, v: [num_tokens, num_kv_heads, head_dim]; k_cache, v_cache: [num_blocks, block_size,
       num_kv_heads, head_dim]; slot_mapping: i32[num_tokens] (negative = skip).
     """
-    _check_arrays(k=k, v=v, k_cache=k_cache, v_cache=v_cache, slot_mapping=slot_mapping)
+    check_arrays("jax", k=k, v=v, k_cache=k_cache, v_cache=v_cache, slot_mapping=slot_mapping)
     check_write_kv_cache_args(k, v, k_cache, v_cache, slot_mapping)
     chosen = resolve_backend(backend)
     num_slots = k_cache.shape[0] * k_cache.shape[1]

@@ -2,8 +2,10 @@
 
 For every query and every group of M consecutive keys, only the N largest scores
 survive (DESIGN.md §2). One Triton kernel source (``sparse24.kernels``) serves the
-PyTorch ops (``sparse24.torch_ops``) and, later, the JAX primitives
-(``sparse24.jax_ops``); ``sparse24.reference`` is the spec in array code.
+PyTorch ops (``sparse24.torch_ops``) and the JAX ops (``sparse24.jax_ops``, through
+jax-triton); ``sparse24.reference`` (torch) and ``sparse24.jax_reference`` (jax.numpy) are
+the spec in array code. ``sparse24.validation`` is the one input contract of all of them,
+``sparse24.backends`` the one backend resolver.
 Framework modules are imported lazily: ``import sparse24`` needs neither torch nor jax.
 """
 

@@ -2,8 +2,8 @@
 with dense attention and the float64 reference.
 
 On a machine without a GPU the demo runs the real Triton kernel in Triton's CPU
-interpreter (it sets ``TRITON_INTERPRET=1`` for its own process before triton is
-imported); with a GPU it runs compiled. It prints, per sparsity config, how far the
+interpreter (``sparse24.backends.use_interpreter_if_no_gpu()`` sets ``TRITON_INTERPRET=1``
+for its own process before triton is imported); with a GPU it runs compiled. It prints, per sparsity config, how far the
 output moves from dense attention, how close the kernel is to the float64 reference, and
 the fraction of visible keys the kernel kept (read from the kernel itself).
 """
@@ -11,18 +11,10 @@ the fraction of visible keys the kernel kept (read from the kernel itself).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 
-
-def _choose_triton_mode() -> None:
-    if "triton" in sys.modules or "TRITON_INTERPRET" in os.environ:
-        return
-    import torch
-
-    if not torch.cuda.is_available():
-        os.environ["TRITON_INTERPRET"] = "1"
+from sparse24.backends import use_interpreter_if_no_gpu
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
-    _choose_triton_mode()
+    interpreting = use_interpreter_if_no_gpu()
     import torch
 
     from sparse24 import SparsityConfig
@@ -42,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     from sparse24.torch_ops import unified_attention
 
     configs = [SparsityConfig.parse(s) for s in (args.sparsity or ["2:4,recent=0", "2:4", "4:8,recent=0"])]
-    device = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
+    device = "cuda" if torch.cuda.is_available() and not interpreting else "cpu"
     # A mixed batch: a 96-token prompt (prefill), a decode step over 200 keys, and a
     # 17-token chunk appended to a 120-key context (chunked prefill). GQA 4 query / 2 KV heads.
     q_lens, kv_lens = (96, 1, 17), (96, 200, 137)

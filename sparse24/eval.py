@@ -177,14 +177,20 @@ class _Progress:
             sys.stderr.flush()
 
 
-def _resolve_backend(backend: str, device) -> str:
-    """``auto`` = the Triton kernel on CUDA, the chunked torch reference on the CPU (the
-    Triton interpreter is far too slow for a real model; ask for it with ``interpret``)."""
+def _backend_for(backend: str | None, device) -> str:
+    """The backend eval runs: ``None`` (eval's default) = the Triton kernel on CUDA, the chunked
+    torch reference on the CPU (the Triton interpreter is far too slow for a real model; ask
+    for it with ``interpret``); any name goes through :func:`sparse24.backends.resolve_backend`,
+    so ``auto`` means what it means everywhere (triton on CUDA, interpret in an interpreting
+    process, else reference)."""
     import torch
 
-    if backend == "auto" and torch.device(device).type != "cuda":
-        return "reference"
-    return backend
+    from sparse24.backends import resolve_backend
+
+    on_gpu = torch.device(device).type == "cuda"
+    if backend is None:
+        backend = "triton" if on_gpu else "reference"
+    return resolve_backend(backend, "torch", on_gpu=on_gpu)
 
 
 def _apply(model, config, backend: str) -> None:
@@ -219,7 +225,7 @@ def evaluate(
     context: int,
     configs,
     *,
-    backend: str = "auto",
+    backend: str | None = None,
     progress: _Progress | None = None,
     names=None,
 ) -> list[Result]:
@@ -232,7 +238,9 @@ def evaluate(
         context: window length; stride ``context // 2``.
         configs: what :func:`sparse24.hf.sparsify` accepts: ``SparsityConfig`` or
             ``{layer: SparsityConfig | None}``, one per row.
-        backend: "auto" (Triton on CUDA, reference on CPU) | "reference" | "triton" | "interpret".
+        backend: None (eval's default: Triton on CUDA, the torch reference on CPU) | "auto"
+            (as everywhere: Triton on CUDA, the interpreter in an interpreting process, else
+            the reference) | "reference" | "triton" | "interpret".
         names: row labels (default :func:`config_label`).
 
     Returns:
@@ -241,7 +249,7 @@ def evaluate(
     import torch
 
     device = next(model.parameters()).device
-    backend = _resolve_backend(backend, device)
+    backend = _backend_for(backend, device)
     ids = torch.as_tensor(tokens, dtype=torch.long).to(device)
     wins = windows(len(ids), context)
     if progress is not None:
@@ -312,7 +320,7 @@ def _dense():
     return SparsityConfig.dense()
 
 
-def perplexity(model, tokens, context: int, config=None, *, backend: str = "auto") -> float:
+def perplexity(model, tokens, context: int, config=None, *, backend: str | None = None) -> float:
     """Strided perplexity of ``model`` with one sparsity config (default dense) through
     sparse24's backend."""
     return evaluate(model, tokens, context, [config if config is not None else _dense()], backend=backend)[0].perplexity
@@ -338,7 +346,7 @@ def sdpa_perplexity(model, tokens, context: int) -> float:
     return math.exp(nll / count)
 
 
-def per_layer_sweep(model, tokens, context: int, config, *, backend: str = "auto",
+def per_layer_sweep(model, tokens, context: int, config, *, backend: str | None = None,
                     progress: _Progress | None = None) -> list[Result]:
     """Sensitivity sweep: one row per layer ``L`` with only ``L`` using ``config`` (all other
     layers dense), preceded by the dense row. ``delta_pct`` is the perplexity change vs dense."""
@@ -447,8 +455,9 @@ def build_parser(prog: str = "sparse24 eval") -> argparse.ArgumentParser:
                              f"{DEFAULT_PER_LAYER_TOKENS} with --per-layer)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available, else cpu)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--backend", default="auto", choices=["auto", "reference", "triton", "interpret"],
-                        help="sparse24 attention backend: auto = Triton on CUDA, the torch reference on CPU; "
+    parser.add_argument("--backend", default=None, choices=["auto", "reference", "triton", "interpret"],
+                        help="sparse24 attention backend (default: Triton on CUDA, the torch reference on CPU); "
+                             "auto = Triton on CUDA, the interpreter in an interpreting process, else the reference; "
                              "interpret = the Triton kernel in Triton's CPU interpreter (very slow)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: the CPUs this process may use)")
@@ -492,8 +501,13 @@ def main(argv: list[str] | None = None, *, prog: str = "sparse24 eval") -> int:
             plot_path = None
 
     # Triton decides interpreted-or-compiled at import: set it before anything imports triton.
-    if args.backend == "interpret" and "triton" not in sys.modules:
-        os.environ.setdefault("TRITON_INTERPRET", "1")
+    if args.backend == "interpret":
+        from sparse24.backends import use_interpreter_if_no_gpu
+
+        try:
+            use_interpreter_if_no_gpu(force=True)
+        except RuntimeError as exc:
+            parser.error(f"--backend interpret: {exc}")
 
     import torch
 
@@ -507,7 +521,10 @@ def main(argv: list[str] | None = None, *, prog: str = "sparse24 eval") -> int:
     threads = args.threads or _default_threads()
     torch.set_num_threads(threads)
     dtype = getattr(torch, args.dtype)
-    backend = _resolve_backend(args.backend, device)
+    try:
+        backend = _backend_for(args.backend, device)
+    except ValueError as exc:
+        parser.error(str(exc))
 
     try:
         from transformers.utils import logging as hf_logging

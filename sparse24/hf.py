@@ -1,11 +1,11 @@
 """Hugging Face transformers backend: ``attn_implementation="sparse24"``.
 
 Importing this module registers sparse24's attention function with transformers'
-``AttentionInterface`` and, under the same name, the FlashAttention-style mask function
-with ``AttentionMaskInterface`` (without it transformers hands a custom backend
-``attention_mask=None`` and padded batches go silently wrong). The attention function
-then receives a ``[batch, kv_len]`` padding mask (or None) and turns it into per-sequence
-lengths, so a padded batch selects exactly what each sequence alone selects.
+``AttentionInterface`` and, under the same name, its mask function (:func:`slot_mask`) with
+``AttentionMaskInterface`` (without one transformers hands a custom backend
+``attention_mask=None`` and padded batches go silently wrong). The attention function then
+receives a ``[batch, kv_len]`` slot mask (or None) and turns it into per-sequence lengths, so
+a padded batch selects exactly what each sequence alone selects.
 
     import sparse24.hf
     from sparse24 import SparsityConfig
@@ -13,20 +13,32 @@ lengths, so a padded batch selects exactly what each sequence alone selects.
     sparse24.hf.sparsify(model, SparsityConfig.parse("2:4,recent=64"))    # all layers
     sparse24.hf.sparsify(model, {0: None, 5: SparsityConfig()})           # layer 5 only
     sparse24.hf.dense(model)                                                # plain attention
+    model.generate(ids, attention_mask=mask, cache_implementation="static")  # CUDA graphs on a GPU
 
-The cache's K/V (``[batch, kv_heads, kv_len, head_dim]``, the whole cache so far) reach the
-kernel in place: they are viewed as a paged cache of one-slot pages (no copy), and a block
-table maps each sequence's real keys, skipping padding. Prefill, decode, chunked prefill
-(queries are the last ``q_len`` slots), left/right padding, GQA, sliding-window layers
-(``sliding_window``) and softcap (``softcap``) are handled; what cannot be expressed
-(``output_attentions``, an arbitrary 4D mask, a padding mask with holes, dropout in
+The cache's K/V (``[batch, kv_heads, kv_len, head_dim]``: a DynamicCache's keys so far, a
+StaticCache's whole buffer) reach the kernel in place: they are viewed as a paged cache of
+one-slot pages (no copy), and a block table maps each sequence's real keys, skipping
+padding and a StaticCache's unwritten tail. Prefill, decode, chunked prefill (queries are
+the last ``q_len`` written slots), left/right padding, GQA, sliding-window layers
+(``sliding_window``, dropped keys counted back exactly) and softcap (``softcap``) are
+handled; what cannot be expressed (``output_attentions``, an arbitrary 4D mask, dropout in
 training) raises.
+
+The hot path reads nothing on the host: the layout (``sparse24.layouts``) is built on the
+device once per forward pass and shared by all layers, with static upper bounds for the
+kernel's maxima. The one host read is at a prefill (``q_len > 1``) with a mask, once per
+forward: a padding mask with holes raises a ValueError there. A decode step cannot raise
+without a sync: a row whose mask has holes outputs NaN (never silently wrong). Under
+``torch.compile`` / CUDA graph capture there is no host read at all (holes give NaN).
 """
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
+from sparse24 import layouts as _layouts
 from sparse24.config import SparsityConfig
 
 DEFAULT_NAME = "sparse24"
@@ -50,69 +62,136 @@ def _paged_view(x: torch.Tensor) -> tuple[torch.Tensor, int]:
         )
     pages_per_row = s_b // s_l if batch > 1 else kv_len
     num_pages = (batch - 1) * pages_per_row + kv_len
-    view = x.as_strided((num_pages, 1, kv_heads, head_dim), (s_l, s_l, s_h, s_d), x.storage_offset())
+    view = x.as_strided((num_pages, 1, kv_heads, head_dim), (s_l, s_l, s_h, s_d))  # x's storage offset
     return view, pages_per_row
 
 
-class _Layout:
-    """Per-call packing: which query rows are real, and the unified-attention metadata."""
+def slot_mask(
+    batch_size: int,
+    q_length: int,
+    kv_length: int,
+    q_offset=0,
+    kv_offset: int = 0,
+    mask_function=None,
+    attention_mask: torch.Tensor | None = None,
+    **kwargs,
+):
+    """The mask function registered beside the attention function (``AttentionMaskInterface``).
 
-    def __init__(self, attention_mask, position_ids, batch: int, q_len: int, kv_len: int,
-                 pages_per_row: int, sliding: bool, device: torch.device):
-        if attention_mask is None:
-            start = torch.zeros(batch, dtype=torch.int64)
-            end = torch.full((batch,), kv_len, dtype=torch.int64)
-        else:
-            if attention_mask.dim() != 2:
-                raise ValueError(
-                    "attn_implementation='sparse24' handles causal attention with a [batch, kv_len] padding mask; got an "
-                    f"attention_mask of shape {list(attention_mask.shape)} (an arbitrary 4D mask cannot be expressed)"
-                )
-            if attention_mask.shape != (batch, kv_len):
-                raise ValueError(
-                    f"attention_mask must have shape [batch, kv_len] = {[batch, kv_len]} (the key/value length; a "
-                    f"StaticCache is not supported), got {list(attention_mask.shape)}"
-                )
-            mask = attention_mask.detach().to("cpu", torch.bool)
-            real = mask.sum(1)
-            start = torch.where(real > 0, mask.int().argmax(1), 0).long()
-            end = torch.where(real > 0, kv_len - mask.flip(1).int().argmax(1), 0).long()
-            if bool((end - start != real).any()):
-                b = int((end - start != real).int().argmax())
-                raise ValueError(
-                    "attn_implementation='sparse24' needs each row's real tokens to be contiguous (left or right "
-                    f"padding); row {b} of the attention_mask has holes"
-                )
-        real_len = end - start  # real keys per row
-        first_query_slot = kv_len - q_len  # queries are the last q_len slots
-        q_start = torch.maximum(start, torch.full_like(start, first_query_slot))
-        q_lens = (end - q_start).clamp(min=0)
-        # Sliding-window layers keep only the newest keys: count the dropped ones back in, so
-        # key indices stay absolute (groups of M from the first real token).
-        dropped = torch.zeros(batch, dtype=torch.int64)
-        if sliding and position_ids is not None and bool((q_lens > 0).any()):
-            pos = position_ids.detach().to("cpu", torch.int64).expand(batch, -1)
-            last_row = (end - 1 - first_query_slot).clamp(0, q_len - 1)
-            seen = pos.gather(1, last_row[:, None])[:, 0] + 1
-            dropped = torch.where(q_lens > 0, (seen - real_len).clamp(min=0), 0)
-        kv_lens = real_len + dropped
-        self.q_lens = q_lens
-        self.all_rows_real = bool((q_lens == q_len).all())
-        if not self.all_rows_real:
-            rows = torch.arange(q_len)[None, :] + first_query_slot  # slot of each query row
-            self.row_mask = ((rows >= q_start[:, None]) & (rows < end[:, None])).to(device)  # [batch, q_len]
-        self.max_seqlen_q = int(q_lens.max()) if batch else 0
-        self.max_seqlen_k = int(kv_lens.max()) if batch else 0
-        width = max(self.max_seqlen_k, 1)
-        j = torch.arange(width)[None, :]
-        slot = (start[:, None] + j - dropped[:, None]).clamp(min=0)
-        slot = torch.minimum(slot, torch.full_like(slot, kv_len - 1))
-        block_table = torch.arange(batch, dtype=torch.int64)[:, None] * pages_per_row + slot
-        self.block_table = block_table.to(torch.int32).to(device)
-        cu = torch.zeros(batch + 1, dtype=torch.int64)
-        cu[1:] = torch.cumsum(q_lens, 0)
-        self.cu_seqlens_q = cu.to(torch.int32).to(device)
-        self.seq_lens = kv_lens.to(torch.int32).to(device)
+    Called by transformers' ``create_causal_mask`` (once per forward, and by ``generate``
+    before a forward with a compilable cache) with the user's 2-D padding mask
+    ``attention_mask [batch, seen_tokens]`` (or None) and the layer's cache sizes. Returns the
+    *slot mask* of the ``kv_length`` cache slots the attention function will receive (see
+    ``sparse24.layouts``): None when every slot holds a real token (no padding, cache full);
+    a bool ``[batch, kv_length]`` (True = real token, False = padding) when every slot is
+    written; else an int8 ``[batch, kv_length]`` with -1 on the slots not written yet (a
+    StaticCache's tail; its fill level ``q_offset + q_length`` is a device tensor there).
+    Unlike ``flash_attention_mask`` it never reads the mask on the host (no ``.all()``), and
+    its shape does not change from one decode step to the next with a StaticCache (CUDA
+    graphs). ``mask_function`` (the causal pattern) is implied: the attention is causal.
+    """
+    filled = q_offset - kv_offset + q_length  # written slots of the layer's cache (int or 0-d tensor)
+    all_written = not isinstance(filled, torch.Tensor) and filled >= kv_length
+    if attention_mask is None and all_written:
+        return None
+    if attention_mask is not None:
+        device = attention_mask.device
+    elif isinstance(filled, torch.Tensor):
+        device = filled.device
+    else:
+        device = kwargs.get("device", "cpu")
+    if attention_mask is None:
+        base = torch.ones(batch_size, kv_length, dtype=torch.bool, device=device)
+    else:
+        base = attention_mask[:, -kv_length:].to(torch.bool)  # a sliding layer's window of slots
+        if base.shape[1] < kv_length:  # a StaticCache: the tail is not written yet
+            base = torch.nn.functional.pad(base, (0, kv_length - base.shape[1]), value=False)
+    if all_written:
+        return base
+    written = torch.arange(kv_length, device=device) < filled  # [kv_length]
+    return torch.where(written, base.to(torch.int8), -1)
+
+
+def _can_sync() -> bool:
+    """Host reads are possible (not tracing for torch.compile, not capturing a CUDA graph)."""
+    if torch.compiler.is_compiling():
+        return False
+    return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+
+
+class _LayoutCache:
+    """The layouts of the current forward pass, shared by its layers.
+
+    All layers of one transformers forward receive the same mask tensor object (and the same
+    ``position_ids`` object); an entry matches only that very object (a weak reference, so a
+    new tensor that reuses a freed one's id or memory never matches) at the same version
+    counter, with the same shapes and options. A few entries cover the two layouts of
+    hybrid (full + sliding-window) models; the oldest are dropped.
+    """
+
+    def __init__(self, size: int = 8):
+        self.size = size
+        self.entries: list = []
+
+    @staticmethod
+    def _ref(t):
+        return None if t is None else (weakref.ref(t), t._version)
+
+    @staticmethod
+    def _same(ref, t) -> bool:
+        if ref is None or t is None:
+            return ref is None and t is None
+        return ref[0]() is t and ref[1] == t._version
+
+    def get(self, key, mask, positions):
+        for entry in self.entries:
+            if entry[0] == key and self._same(entry[1], mask) and self._same(entry[2], positions):
+                return entry[3]
+        return None
+
+    def put(self, key, mask, positions, layout) -> None:
+        self.entries.insert(0, (key, self._ref(mask), self._ref(positions), layout))
+        del self.entries[self.size:]
+
+    def clear(self) -> None:
+        self.entries.clear()
+
+
+_LAYOUTS = _LayoutCache()
+
+
+def _layout(attention_mask, position_ids, *, batch: int, q_len: int, kv_len: int, pages_per_row: int,
+            sliding: bool, config: SparsityConfig, device: torch.device):
+    """The layout of this forward pass: built on the device by the first layer, reused by the
+    others. A prefill (q_len > 1) that builds a layout for a mask reads one flag pair on the
+    host (one sync per forward): a mask with holes raises there, and an all-real batch skips
+    the query gather. Decode steps never sync: a row with holes outputs NaN instead."""
+    positions = position_ids if sliding else None
+    key = (batch, q_len, kv_len, pages_per_row, str(device),
+           (config.m, config.dense_sink_tokens, positions is not None) if sliding else None)
+    cacheable = _can_sync()  # traced (torch.compile) or captured code builds its own, on the device
+    if cacheable:
+        layout = _LAYOUTS.get(key, attention_mask, positions)
+        if layout is not None:
+            return layout
+    layout = _layouts.padding_mask_layout_torch(
+        attention_mask, batch, q_len, kv_len, pages_per_row=pages_per_row, device=device,
+        position_ids=positions, sliding=sliding, m=config.m, dense_sink_tokens=config.dense_sink_tokens,
+    )
+    if layout.bad is not None and q_len > 1 and _can_sync():
+        has_holes, all_real = torch.stack([layout.bad.any(), layout.all_rows_real]).tolist()  # the one sync
+        if has_holes:
+            b = int(layout.bad.int().argmax())
+            raise ValueError(
+                "attn_implementation='sparse24' needs each row's real tokens to be contiguous (left or right "
+                f"padding); row {b} of the attention_mask has holes"
+            )
+        layout = layout._replace(bad=None)
+        if all_real:
+            layout = layout._replace(rows=None, sources=None)
+    if cacheable:
+        _LAYOUTS.put(key, attention_mask, positions, layout)
+    return layout
 
 
 def attention_forward(
@@ -126,7 +205,9 @@ def attention_forward(
     **kwargs,
 ):
     """transformers attention function: query [B, H, Lq, D], key/value [B, H_kv, Lk, D]
-    (not repeated for GQA) -> (out [B, Lq, H, D], None)."""
+    (not repeated for GQA; the whole cache: a StaticCache's whole buffer), attention_mask
+    None or the slot mask [B, L <= Lk] of :func:`slot_mask` (a plain [B, Lk] padding mask
+    works too) -> (out [B, Lq, H, D], None). No host read on the hot path (see ``_layout``)."""
     from sparse24.torch_ops import unified_attention
 
     if kwargs.get("output_attentions"):
@@ -143,38 +224,47 @@ def attention_forward(
 
     batch, num_q_heads, q_len, head_dim = query.shape
     kv_len = key.shape[2]
+    if attention_mask is not None:
+        if attention_mask.dim() != 2:
+            raise ValueError(
+                "attn_implementation='sparse24' handles causal attention with a [batch, kv_len] padding mask; got an "
+                f"attention_mask of shape {list(attention_mask.shape)} (an arbitrary 4D mask cannot be expressed)"
+            )
+        if attention_mask.shape[0] != batch or not 1 <= attention_mask.shape[1] <= kv_len:
+            raise ValueError(
+                f"attention_mask must have shape [batch, L] with batch = {batch} and 1 <= L <= kv_len = {kv_len} "
+                f"(the key/value length), got {list(attention_mask.shape)}"
+            )
     k_cache, pages_per_row = _paged_view(key)
     v_cache, v_pages_per_row = _paged_view(value)
     if v_pages_per_row != pages_per_row:
         raise ValueError(f"key and value must share a layout, got strides {list(key.stride())} and {list(value.stride())}")
-    layout = _Layout(attention_mask, kwargs.get("position_ids"), batch, q_len, kv_len, pages_per_row,
-                     sliding=bool(window), device=query.device)
+    layout = _layout(attention_mask, kwargs.get("position_ids"), batch=batch, q_len=q_len, kv_len=kv_len,
+                     pages_per_row=pages_per_row, sliding=bool(window), config=config, device=query.device)
 
     q_rows = query.transpose(1, 2)  # [B, Lq, H, D]
-    if layout.all_rows_real:
-        q_packed = q_rows.reshape(batch * q_len, num_q_heads, head_dim)
-    else:
-        q_packed = q_rows[layout.row_mask]
-    out_packed = unified_attention(
+    q_packed = _layouts.pack_padded_torch(q_rows, layout)  # [B * Lq, H, D]
+    buffer = _layouts.packed_out_buffer_torch(layout, q_rows)  # [B * Lq (+ 1), H, D]
+    unified_attention(
         q_packed, k_cache, v_cache, layout.block_table, layout.cu_seqlens_q, layout.seq_lens,
         config=config, causal=bool(causal), softmax_scale=scaling,
         window=int(window) if window else None, softcap=float(softcap) if softcap else None,
-        max_seqlen_q=layout.max_seqlen_q, max_seqlen_k=layout.max_seqlen_k, backend=backend,
+        out=buffer[: batch * q_len], max_seqlen_q=layout.max_seqlen_q, max_seqlen_k=layout.max_seqlen_k,
+        backend=backend,
     )
-    if layout.all_rows_real:
-        return out_packed.view(batch, q_len, num_q_heads, head_dim), None
-    out = torch.zeros(batch, q_len, num_q_heads, head_dim, dtype=query.dtype, device=query.device)
-    out[layout.row_mask] = out_packed
+    out = _layouts.unpack_padded_torch(buffer, layout, (batch, q_len, num_q_heads, head_dim))
+    if layout.bad is not None:  # rows with holes: NaN, never silently wrong (no host read here)
+        out = out.masked_fill(layout.bad[:, None, None, None], float("nan"))
     return out, None
 
 
 def register(name: str = DEFAULT_NAME) -> str:
     """Register the attention function and its mask function under ``name``; returns ``name``."""
     from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
+    from transformers.masking_utils import AttentionMaskInterface
 
     AttentionInterface.register(name, attention_forward)
-    AttentionMaskInterface.register(name, flash_attention_mask)
+    AttentionMaskInterface.register(name, slot_mask)
     return name
 
 

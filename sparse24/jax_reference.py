@@ -9,7 +9,9 @@ How it works (no Python loop over sequences, no data-dependent shape):
 
 - every packed query token ``t`` finds its sequence ``b`` (``searchsorted`` on
   ``cu_seqlens_q``), its ``q_len``, ``kv_len`` and position ``p = kv_len - q_len + (t - cu[b])``;
-  tokens at or beyond ``cu_seqlens_q[-1]`` get ``kv_len = 0`` (they see nothing: zeros);
+  tokens at or beyond ``cu_seqlens_q[-1]`` get ``kv_len = 0`` (they see nothing: zeros; the
+  contract has ``cu_seqlens_q[-1] == T``, but the padded ``jax_ops.attention`` packs its
+  batch into ``B * S_q`` rows and calls :func:`_forward` with fewer real ones);
 - queries are processed ``query_chunk`` tokens at a time (``lax.map`` over padded chunks), keys
   ``chunk_size`` at a time (``lax.scan`` over the static bound ``max_blocks * block_size``),
   with an fp32 online softmax (running max, sum and accumulator, as in flash attention);
@@ -30,7 +32,6 @@ This module imports jax at the top; ``import sparse24`` never imports it.
 from __future__ import annotations
 
 import functools
-import math
 from typing import Optional
 
 import jax
@@ -38,16 +39,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from sparse24.config import SparsityConfig
-from sparse24.validation import resolve_config
+from sparse24.validation import prepare_unified_attention
 
 __all__ = ["unified_attention_jax_reference"]
 
-_FLOAT_DTYPES = ("float32", "float16", "bfloat16", "float64")
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
 # --------------------------------------------------------------------------------------------
-# validation (static always; values only when the metadata is concrete)
+# the contract (sparse24.validation): shapes and options always, values when concrete
 
 
 def _positive_int(name: str, value, multiple_of: int = 1) -> int:
@@ -56,70 +56,6 @@ def _positive_int(name: str, value, multiple_of: int = 1) -> int:
         what = f"a positive multiple of m = {multiple_of}" if multiple_of > 1 else "a positive int"
         raise ValueError(f"{name} must be {what}, got {value!r}")
     return int(value)
-
-
-def _check_options(head_dim, causal, softmax_scale, window, softcap):
-    if not isinstance(causal, (bool, np.bool_)):
-        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
-    if softmax_scale is None:
-        scale = 1.0 / math.sqrt(head_dim)
-    else:
-        if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float, np.floating, np.integer)):
-            raise TypeError(f"softmax_scale must be a float or None, got {type(softmax_scale).__name__}")
-        scale = float(softmax_scale)
-        if not math.isfinite(scale):
-            raise ValueError(f"softmax_scale must be finite, got {softmax_scale!r}")
-    if window is None:
-        window = 0
-    if isinstance(window, bool) or not isinstance(window, (int, np.integer)) or window < 0:
-        raise ValueError(f"window must be None or an int >= 0 (0 = no window), got {window!r}")
-    if softcap is None:
-        softcap = 0.0
-    if isinstance(softcap, bool) or not isinstance(softcap, (int, float, np.floating, np.integer)):
-        raise TypeError(f"softcap must be a float >= 0 or None, got {type(softcap).__name__}")
-    softcap = float(softcap)
-    if not (math.isfinite(softcap) and softcap >= 0.0):
-        raise ValueError(f"softcap must be None or a finite float >= 0 (0 = none), got {softcap!r}")
-    return bool(causal), scale, int(window), softcap
-
-
-def _check_shapes(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens):
-    arrays = dict(q=q, k_cache=k_cache, v_cache=v_cache, block_table=block_table,
-                  cu_seqlens_q=cu_seqlens_q, seq_lens=seq_lens)
-    for name, x in arrays.items():
-        if not hasattr(x, "shape") or not hasattr(x, "dtype"):
-            raise TypeError(f"{name} must be an array, got {type(x).__name__}")
-    if q.ndim != 3:
-        raise ValueError(f"q must be [num_tokens, num_q_heads, head_dim], got shape {tuple(q.shape)}")
-    if k_cache.ndim != 4:
-        raise ValueError(
-            f"k_cache must be [num_blocks, block_size, num_kv_heads, head_dim], got shape {tuple(k_cache.shape)}"
-        )
-    if v_cache.ndim != 4 or tuple(v_cache.shape[:3]) != tuple(k_cache.shape[:3]):
-        raise ValueError(
-            f"v_cache must be [num_blocks, block_size, num_kv_heads, head_dim_v] matching k_cache "
-            f"{tuple(k_cache.shape)}, got {tuple(v_cache.shape)}"
-        )
-    if k_cache.shape[3] != q.shape[2]:
-        raise ValueError(f"head_dim of q ({q.shape[2]}) and k_cache ({k_cache.shape[3]}) differ")
-    for name in ("q", "k_cache", "v_cache"):
-        dtype = jnp.dtype(arrays[name].dtype)
-        if dtype.name not in _FLOAT_DTYPES:
-            raise TypeError(f"{name} must be a float array (float32, bfloat16, float16), got {dtype}")
-    num_q_heads, num_kv_heads = q.shape[1], k_cache.shape[2]
-    if num_kv_heads == 0 or num_q_heads % num_kv_heads:
-        raise ValueError(f"num_q_heads ({num_q_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
-    for name in ("block_table", "cu_seqlens_q", "seq_lens"):
-        if not jnp.issubdtype(arrays[name].dtype, jnp.integer):
-            raise TypeError(f"{name} must be an integer array (int32), got {jnp.dtype(arrays[name].dtype)}")
-    if block_table.ndim != 2 or cu_seqlens_q.ndim != 1 or seq_lens.ndim != 1:
-        raise ValueError("block_table must be 2-D, cu_seqlens_q and seq_lens 1-D")
-    num_seqs = seq_lens.shape[0]
-    if cu_seqlens_q.shape[0] != num_seqs + 1 or block_table.shape[0] != num_seqs:
-        raise ValueError(
-            f"batch sizes disagree: seq_lens has {num_seqs} entries, cu_seqlens_q "
-            f"{cu_seqlens_q.shape[0]} (want B + 1), block_table {block_table.shape[0]} rows"
-        )
 
 
 def _concrete(x) -> Optional[np.ndarray]:
@@ -132,37 +68,11 @@ def _concrete(x) -> Optional[np.ndarray]:
         return None
 
 
-def _check_values(q, k_cache, block_table, cu_seqlens_q, seq_lens) -> None:
-    """The torch reference's value checks, run only when the metadata is concrete."""
-    cu, kv, bt = _concrete(cu_seqlens_q), _concrete(seq_lens), _concrete(block_table)
-    if cu is not None:
-        cu = cu.astype(np.int64)
-        if cu[0] != 0 or (np.diff(cu) < 0).any() or cu[-1] > q.shape[0]:
-            raise ValueError(
-                f"cu_seqlens_q must start at 0, be non-decreasing and end <= num_tokens "
-                f"({q.shape[0]}), got {cu.tolist()}"
-            )
-    if kv is None:
-        return
-    kv = kv.astype(np.int64)
-    block_size = k_cache.shape[1]
-    capacity = block_table.shape[1] * block_size
-    for b, kv_len in enumerate(kv.tolist()):
-        if not 0 <= kv_len <= capacity:
-            raise ValueError(
-                f"seq_lens[{b}] = {kv_len} must be in [0, max_blocks * block_size = {capacity}]"
-            )
-    if bt is None or not kv.size:
-        return
-    pages = -(-kv // block_size)
-    used = np.arange(bt.shape[1])[None, :] < pages[:, None]
-    bad = used & ((bt < 0) | (bt >= k_cache.shape[0]))
-    if bad.any():
-        b, col = (int(x) for x in np.argwhere(bad)[0])
-        raise ValueError(
-            f"block_table[{b}, {col}] = {int(bt[b, col])} is not a page of the cache "
-            f"(num_blocks = {k_cache.shape[0]})"
-        )
+def _read_metadata(cu_seqlens_q, seq_lens, block_table):
+    """``read_metadata`` for :func:`sparse24.validation.prepare_unified_attention`: host copies
+    of the three, or None when any of them is traced."""
+    host = tuple(_concrete(x) for x in (cu_seqlens_q, seq_lens, block_table))
+    return None if any(h is None for h in host) else host
 
 
 # --------------------------------------------------------------------------------------------
@@ -320,27 +230,27 @@ def unified_attention_jax_reference(
 ):
     """N:M sparse unified attention in jax.numpy (DESIGN.md §2), jit-able with dynamic lengths.
 
-    Same semantics and layout as :func:`sparse24.reference.unified_attention_reference` (the
-    float64 torch oracle) and :func:`sparse24.reference.unified_attention_chunked`; scores,
-    softmax and accumulation in float32.
+    Same semantics, layout and input contract as :func:`sparse24.reference.unified_attention_reference`
+    (the float64 torch oracle) and the ops (:func:`sparse24.validation.prepare_unified_attention`,
+    float64 accepted); scores, softmax and accumulation in float32.
 
     Args:
-        q: ``[T, H_q, D]`` float32, bfloat16 or float16; sequence ``b`` owns rows
+        q: ``[T, H_q, D]`` float32, bfloat16, float16 (or float64 with ``jax_enable_x64``), a
+            ``jax.Array`` or a ``numpy.ndarray``; sequence ``b`` owns rows
             ``cu_seqlens_q[b]:cu_seqlens_q[b + 1]``.
-        k_cache, v_cache: ``[num_blocks, block_size, H_kv, D]`` (``D_v`` for ``v_cache``),
-            float; ``H_q % H_kv == 0``; query head ``h`` reads kv head ``h // (H_q // H_kv)``.
-        block_table: ``[B, max_blocks]`` integer (int32): page of key ``j`` of sequence ``b``
-            is ``block_table[b, j // block_size]``. Entries past a sequence's pages are unread.
-        cu_seqlens_q: ``[B + 1]`` integer, starts at 0, non-decreasing, ends ``<= T``; rows
-            from ``cu_seqlens_q[-1]`` on belong to no sequence and come out as zeros.
-        seq_lens: ``[B]`` integer, ``kv_len`` of each sequence (new tokens included),
-            ``<= max_blocks * block_size``.
+        k_cache, v_cache: ``[num_blocks, block_size, H_kv, D]``, q's dtype;
+            ``H_q % H_kv == 0``; query head ``h`` reads kv head ``h // (H_q // H_kv)``.
+        block_table: ``[B, max_blocks]`` int32: page of key ``j`` of sequence ``b`` is
+            ``block_table[b, j // block_size]``. Entries past a sequence's pages are unread.
+        cu_seqlens_q: ``[B + 1]`` int32, starts at 0, non-decreasing, ends at ``T``.
+        seq_lens: ``[B]`` int32, ``kv_len`` of each sequence (new tokens included, so
+            ``>= q_len``), ``<= max_blocks * block_size``.
         config: a :class:`SparsityConfig`; None = ``SparsityConfig()`` (2:4, recent 64);
             ``SparsityConfig.dense()`` (or ``n == m``) = plain attention. Anything else
             (a string too) is a TypeError.
         causal: mask keys after the query's position ``p = kv_len - q_len + i``.
-        softmax_scale: None = ``1 / sqrt(D)``.
-        window: sliding window ``w`` (visible iff ``p - j < w``); None or 0 = none.
+        softmax_scale: None = ``1 / sqrt(D)``; else a finite float > 0.
+        window: sliding window ``w >= 1`` (visible iff ``p - j < w``); None = none.
         softcap: ``c`` in ``s = c * tanh(s / c)``; None or 0 = none.
         return_lse: also return the log-sum-exp.
         chunk_size: keys per step, a positive multiple of ``config.m`` (the result does not
@@ -348,28 +258,28 @@ def unified_attention_jax_reference(
         query_chunk: query tokens per step (bounds memory together with ``chunk_size``).
 
     The arrays may be traced (``jax.jit``): only their shapes and the keyword options are
-    static. The metadata's values are checked (as the torch reference does) only when they
-    are concrete; under ``jit`` out-of-range metadata is not detected (pages are clamped).
+    static. The metadata's values are checked (as the ops and the torch reference do) only
+    when all three are concrete; under ``jit`` invalid metadata is not detected (pages are
+    clamped, tokens past ``cu_seqlens_q[-1]`` come out as zeros).
 
     Returns:
-        ``out`` ``[T, H_q, D_v]`` in ``q.dtype`` (rows with nothing kept and rows outside every
-        sequence are zeros, never NaN), and with ``return_lse`` also ``lse`` ``[T, H_q]``
-        float32 (natural log, -inf where nothing is kept).
+        ``out`` ``[T, H_q, D]`` in ``q.dtype`` (rows with nothing kept are zeros, never NaN),
+        and with ``return_lse`` also ``lse`` ``[T, H_q]`` float32 (natural log, -inf where
+        nothing is kept).
     """
-    config = resolve_config(config)
+    prepared = prepare_unified_attention(
+        q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, framework="jax", config=config, causal=causal,
+        softmax_scale=softmax_scale, window=window, softcap=softcap, return_lse=return_lse, allow_float64=True,
+        read_metadata=lambda: _read_metadata(cu_seqlens_q, seq_lens, block_table),
+    )
+    config, opts = prepared.config, prepared.options
     chunk_size = _positive_int("chunk_size", chunk_size, config.m)
     query_chunk = _positive_int("query_chunk", query_chunk)
-    if not isinstance(return_lse, (bool, np.bool_)):
-        raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
-    arrays = [x if isinstance(x, jax.Array) else jnp.asarray(x)
-              for x in (q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens)]
-    _check_shapes(*arrays)
-    q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens = arrays
-    causal, scale, window, softcap = _check_options(q.shape[2], causal, softmax_scale, window, softcap)
-    _check_values(q, k_cache, block_table, cu_seqlens_q, seq_lens)
+    q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens = (
+        jnp.asarray(x) for x in (q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens))
     out, lse = _forward(
-        q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, config=config, causal=causal,
-        scale=scale, window=window, softcap=softcap, chunk_size=chunk_size,
+        q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, config=config, causal=opts.causal,
+        scale=opts.softmax_scale, window=opts.window, softcap=opts.softcap, chunk_size=chunk_size,
         query_chunk=query_chunk,
     )
-    return (out, lse) if return_lse else out
+    return (out, lse) if prepared.return_lse else out

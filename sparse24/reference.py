@@ -31,11 +31,12 @@ j % block_size]``), ``cu_seqlens_q [B + 1]`` and ``seq_lens [B]`` (= ``kv_len``)
 from __future__ import annotations
 
 import math
-from typing import Optional, Union
+from typing import Optional
 
 import torch
 
 from sparse24.config import SparsityConfig
+from sparse24.validation import AttentionOptions, prepare_unified_attention
 
 __all__ = [
     "unified_attention_reference",
@@ -48,96 +49,22 @@ _CHUNK_SCORE_ELEMENTS = 1 << 22
 
 
 # --------------------------------------------------------------------------------------------
-# validation and small helpers
+# the contract (sparse24.validation) and small helpers
 
 
-def _resolve_config(config: Union[SparsityConfig, str, None]) -> SparsityConfig:
-    if config is None:
-        return SparsityConfig()
-    if isinstance(config, str):
-        return SparsityConfig.parse(config)
-    if not isinstance(config, SparsityConfig):
-        raise TypeError(
-            f"config must be a SparsityConfig, a string for SparsityConfig.parse or None, "
-            f"got {type(config).__name__}"
-        )
-    return config
-
-
-def _check_inputs(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, window, softcap):
-    """Validate the layout; return (cu_seqlens_q as a list, seq_lens as a list, window, softcap)."""
-    tensors = {"q": q, "k_cache": k_cache, "block_table": block_table,
-               "cu_seqlens_q": cu_seqlens_q, "seq_lens": seq_lens}
-    if v_cache is not None:
-        tensors["v_cache"] = v_cache
-    for name, t in tensors.items():
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if q.dim() != 3:
-        raise ValueError(f"q must be [num_tokens, num_q_heads, head_dim], got shape {tuple(q.shape)}")
-    if k_cache.dim() != 4:
-        raise ValueError(
-            f"k_cache must be [num_blocks, block_size, num_kv_heads, head_dim], "
-            f"got shape {tuple(k_cache.shape)}"
-        )
-    if v_cache is not None and (v_cache.dim() != 4 or v_cache.shape[:3] != k_cache.shape[:3]):
-        raise ValueError(
-            f"v_cache must be [num_blocks, block_size, num_kv_heads, head_dim_v] matching "
-            f"k_cache {tuple(k_cache.shape)}, got {tuple(v_cache.shape)}"
-        )
-    if k_cache.shape[3] != q.shape[2]:
-        raise ValueError(f"head_dim of q ({q.shape[2]}) and k_cache ({k_cache.shape[3]}) differ")
-    num_q_heads, num_kv_heads = q.shape[1], k_cache.shape[2]
-    if num_kv_heads == 0 or num_q_heads % num_kv_heads:
-        raise ValueError(
-            f"num_q_heads ({num_q_heads}) must be a multiple of num_kv_heads ({num_kv_heads})"
-        )
-    for name in ("block_table", "cu_seqlens_q", "seq_lens"):
-        t = tensors[name]
-        if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
-            raise TypeError(f"{name} must be an integer tensor, got {t.dtype}")
-    if block_table.dim() != 2 or cu_seqlens_q.dim() != 1 or seq_lens.dim() != 1:
-        raise ValueError("block_table must be 2-D, cu_seqlens_q and seq_lens 1-D")
-    num_seqs = seq_lens.shape[0]
-    if cu_seqlens_q.shape[0] != num_seqs + 1 or block_table.shape[0] != num_seqs:
-        raise ValueError(
-            f"batch sizes disagree: seq_lens has {num_seqs} entries, cu_seqlens_q "
-            f"{cu_seqlens_q.shape[0]} (want B + 1), block_table {block_table.shape[0]} rows"
-        )
-    cu = [int(x) for x in cu_seqlens_q.tolist()]
-    kv = [int(x) for x in seq_lens.tolist()]
-    if cu[0] != 0 or any(a > b for a, b in zip(cu, cu[1:])) or cu[-1] > q.shape[0]:
-        raise ValueError(
-            f"cu_seqlens_q must start at 0, be non-decreasing and end <= num_tokens "
-            f"({q.shape[0]}), got {cu}"
-        )
-    block_size = k_cache.shape[1]
-    capacity = block_table.shape[1] * block_size
-    for b, kv_len in enumerate(kv):
-        if not 0 <= kv_len <= capacity:
-            raise ValueError(
-                f"seq_lens[{b}] = {kv_len} must be in [0, max_blocks * block_size = {capacity}]"
-            )
-    if num_seqs:
-        pages = torch.tensor([-(-x // block_size) for x in kv], device=block_table.device)
-        used = torch.arange(block_table.shape[1], device=block_table.device)[None] < pages[:, None]
-        bad = used & ((block_table < 0) | (block_table >= k_cache.shape[0]))
-        if bool(bad.any()):
-            b, col = (int(x) for x in bad.nonzero()[0].tolist())
-            raise ValueError(
-                f"block_table[{b}, {col}] = {int(block_table[b, col])} is not a page of the "
-                f"cache (num_blocks = {k_cache.shape[0]})"
-            )
-    if window is None:
-        window = 0
-    if isinstance(window, bool) or not isinstance(window, int) or window < 0:
-        raise ValueError(f"window must be None or an int >= 0 (0 = no window), got {window!r}")
-    if softcap is None:
-        softcap = 0.0
-    softcap = float(softcap)
-    if not softcap >= 0.0:
-        raise ValueError(f"softcap must be None or >= 0 (0 = none), got {softcap!r}")
-    return cu, kv, window, softcap
+def _prepare(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, *, config, causal, softmax_scale,
+             window, softcap, return_lse=False, out=None):
+    """The one input contract (:func:`sparse24.validation.prepare_unified_attention`, float64
+    accepted), metadata read and checked on the host. Returns ``(prepared, cu, kv)`` with
+    ``cu`` / ``kv`` the host lists of ``cu_seqlens_q`` [B + 1] and ``seq_lens`` [B]."""
+    prepared = prepare_unified_attention(
+        q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, framework="torch", config=config,
+        causal=causal, softmax_scale=softmax_scale, window=window, softcap=softcap, return_lse=return_lse,
+        out=out, allow_float64=True,
+        read_metadata=lambda: (cu_seqlens_q.cpu().numpy(), seq_lens.cpu().numpy(), block_table.cpu().numpy()),
+    )
+    cu_host, kv_host, _ = prepared.metadata
+    return prepared, [int(x) for x in cu_host.tolist()], [int(x) for x in kv_host.tolist()]
 
 
 def _gather(cache: torch.Tensor, block_row: torch.Tensor, start: int, end: int) -> torch.Tensor:
@@ -264,40 +191,44 @@ def unified_attention_reference(
 ):
     """N:M sparse unified attention, computed in float64 on the CPU (the test oracle).
 
+    The input contract is the ops' (:func:`sparse24.validation.prepare_unified_attention`), with
+    float64 inputs accepted too; the metadata is always read and checked on the host.
+
     Args:
-        q: ``[T, H_q, D]`` any float dtype, any device; sequence ``b`` owns rows
-            ``cu_seqlens_q[b]:cu_seqlens_q[b + 1]``.
-        k_cache, v_cache: ``[num_blocks, block_size, H_kv, D]`` (``D_v`` for ``v_cache``),
-            any float dtype and strides; ``H_q % H_kv == 0``.
-        block_table: ``[B, max_blocks]`` integer (int32): page of key ``j`` of sequence ``b``
-            is ``block_table[b, j // block_size]``. Entries past a sequence's pages are unread.
-        cu_seqlens_q: ``[B + 1]`` integer, starts at 0, non-decreasing.
-        seq_lens: ``[B]`` integer, ``kv_len`` of each sequence (new tokens included).
-        config: :class:`SparsityConfig` (or a string for :meth:`SparsityConfig.parse`);
-            None = ``SparsityConfig()`` (2:4); ``SparsityConfig.dense()`` = plain attention.
+        q: ``[T, H_q, D]`` float32, float16, bfloat16 or float64, any device; sequence ``b``
+            owns rows ``cu_seqlens_q[b]:cu_seqlens_q[b + 1]``.
+        k_cache, v_cache: ``[num_blocks, block_size, H_kv, D]``, q's dtype and device, any
+            strides; ``H_q % H_kv == 0``.
+        block_table: ``[B, max_blocks]`` int32: page of key ``j`` of sequence ``b`` is
+            ``block_table[b, j // block_size]``. Entries past a sequence's pages are unread.
+        cu_seqlens_q: ``[B + 1]`` int32, starts at 0, non-decreasing, ends at ``T``.
+        seq_lens: ``[B]`` int32, ``kv_len`` of each sequence (new tokens included, so
+            ``>= q_len``).
+        config: a :class:`SparsityConfig` or None (= ``SparsityConfig()``, 2:4);
+            ``SparsityConfig.dense()`` = plain attention. A string is a TypeError (use
+            :meth:`SparsityConfig.parse`).
         causal: mask keys after the query's position ``p = kv_len - q_len + i``.
-        softmax_scale: None = ``1 / sqrt(D)``.
-        window: sliding window ``w`` (visible iff ``p - j < w``); None or 0 = none.
+        softmax_scale: None = ``1 / sqrt(D)``; else a finite float > 0.
+        window: sliding window ``w >= 1`` (visible iff ``p - j < w``); None = none.
         softcap: ``c`` in ``s = c * tanh(s / c)``; None or 0 = none.
         return_lse: also return the log-sum-exp.
 
     Returns:
-        ``out`` float64 ``[T, H_q, D_v]`` on the CPU, and with ``return_lse`` also ``lse``
-        float64 ``[T, H_q]`` (natural log, -inf where nothing is kept). Rows with nothing kept
-        and rows outside every sequence are zeros. ``q_len > kv_len`` is allowed: rows at
-        negative positions see no key when causal.
+        ``out`` float64 ``[T, H_q, D]`` on the CPU, and with ``return_lse`` also ``lse``
+        float64 ``[T, H_q]`` (natural log, -inf where nothing is kept). Rows with nothing
+        kept are zeros.
     """
-    config = _resolve_config(config)
-    cu, kv, window, softcap = _check_inputs(
-        q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, window, softcap
+    prepared, cu, kv = _prepare(
+        q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, config=config, causal=causal,
+        softmax_scale=softmax_scale, window=window, softcap=softcap, return_lse=return_lse,
     )
-    scale = 1.0 / math.sqrt(q.shape[2]) if softmax_scale is None else float(softmax_scale)
+    opts = prepared.options
     num_q_heads = q.shape[1]
     out = torch.zeros(q.shape[0], num_q_heads, v_cache.shape[3], dtype=torch.float64)
     lse = torch.full((q.shape[0], num_q_heads), -math.inf, dtype=torch.float64)
     for b, row0, kept, scores in _reference_sequences(
-        q, k_cache, block_table, cu, kv, config=config, causal=causal, scale=scale,
-        window=window, softcap=softcap,
+        q, k_cache, block_table, cu, kv, config=prepared.config, causal=opts.causal, scale=opts.softmax_scale,
+        window=opts.window, softcap=opts.softcap,
     ):
         values = _gather(v_cache, block_table[b], 0, kv[b]).to("cpu", torch.float64)
         s = scores.masked_fill(~kept, -math.inf)
@@ -310,7 +241,7 @@ def unified_attention_reference(
         rows = slice(row0, row0 + s.shape[1])
         out[rows] = o.transpose(0, 1)
         lse[rows] = (row_max[..., 0] + torch.log(total)).transpose(0, 1)
-    return (out, lse) if return_lse else out
+    return (out, lse) if prepared.return_lse else out
 
 
 def keep_mask_reference(
@@ -328,23 +259,23 @@ def keep_mask_reference(
 ) -> list:
     """The kept-key masks (spec step 5), scores computed in float64 on the CPU.
 
-    Arguments as :func:`unified_attention_reference` (no ``v_cache``).
+    Arguments and contract as :func:`unified_attention_reference` (no ``v_cache``).
 
     Returns:
         A list of ``B`` CPU bool tensors, entry ``b`` of shape ``[H_q, q_len_b, kv_len_b]``:
         ``True`` where query ``i`` (head ``h``) keeps key ``j``.
     """
-    config = _resolve_config(config)
-    cu, kv, window, softcap = _check_inputs(
-        q, k_cache, None, block_table, cu_seqlens_q, seq_lens, window, softcap
+    prepared, cu, kv = _prepare(
+        q, k_cache, None, block_table, cu_seqlens_q, seq_lens, config=config, causal=causal,
+        softmax_scale=softmax_scale, window=window, softcap=softcap,
     )
-    scale = 1.0 / math.sqrt(q.shape[2]) if softmax_scale is None else float(softmax_scale)
+    opts = prepared.options
     masks = [
         torch.zeros(q.shape[1], cu[b + 1] - cu[b], kv[b], dtype=torch.bool) for b in range(len(kv))
     ]
     for b, _, kept, _ in _reference_sequences(
-        q, k_cache, block_table, cu, kv, config=config, causal=causal, scale=scale,
-        window=window, softcap=softcap,
+        q, k_cache, block_table, cu, kv, config=prepared.config, causal=opts.causal, scale=opts.softmax_scale,
+        window=opts.window, softcap=opts.softcap,
     ):
         masks[b] = kept.contiguous()
     return masks
@@ -381,24 +312,37 @@ def unified_attention_chunked(
 
     Args:
         q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, config, causal,
-        softmax_scale, window, softcap: as :func:`unified_attention_reference`; q, the caches
-        (and ``out``) on one device.
+        softmax_scale, window, softcap: as :func:`unified_attention_reference` (the same
+            contract, float64 accepted); all on one device.
         return_lse: also return the log-sum-exp.
-        out: optional ``[T, H_q, D_v]`` tensor of ``q.dtype`` written in place and returned.
+        out: optional ``[T, H_q, D]`` tensor of ``q.dtype`` on q's device, written in place
+            and returned.
         chunk_size: keys per chunk, a positive multiple of ``config.m``.
         compute_dtype: ``torch.float32`` (default) or ``torch.float64``: scores, softmax and
             accumulators use it (float64 agrees with the oracle to ~1e-12).
 
     Returns:
-        ``out`` ``[T, H_q, D_v]`` in ``q.dtype`` on ``q.device`` (rows with nothing kept and
-        rows outside every sequence are zeros), and with ``return_lse`` also ``lse``
-        ``[T, H_q]`` in ``compute_dtype`` (float32 by default; natural log, -inf where nothing
-        is kept).
+        ``out`` ``[T, H_q, D]`` in ``q.dtype`` on ``q.device`` (rows with nothing kept are
+        zeros), and with ``return_lse`` also ``lse`` ``[T, H_q]`` in ``compute_dtype``
+        (float32 by default; natural log, -inf where nothing is kept).
     """
-    config = _resolve_config(config)
-    cu, kv, window, softcap = _check_inputs(
-        q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, window, softcap
+    prepared, cu, kv = _prepare(
+        q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, config=config, causal=causal,
+        softmax_scale=softmax_scale, window=window, softcap=softcap, return_lse=return_lse, out=out,
     )
+    return _chunked(
+        q, k_cache, v_cache, block_table, cu, kv, config=prepared.config, options=prepared.options,
+        return_lse=prepared.return_lse, out=out, chunk_size=chunk_size, compute_dtype=compute_dtype,
+    )
+
+
+def _chunked(q, k_cache, v_cache, block_table, cu, kv, *, config: SparsityConfig, options: AttentionOptions,
+             return_lse: bool, out=None, chunk_size: int = 1024, compute_dtype: torch.dtype = torch.float32):
+    """The chunked computation on checked inputs (the torch ops' ``backend="reference"`` calls
+    it directly, after their own contract check). ``cu`` / ``kv``: host lists of
+    ``cu_seqlens_q`` [B + 1] and ``seq_lens`` [B]; ``cu[-1] <= T``: rows from ``cu[-1]`` on
+    belong to no sequence and come out as zeros (the padded ``attention()`` packs that way).
+    ``out``: None or ``[T, H_q, D]`` (checked by the caller)."""
     if compute_dtype not in (torch.float32, torch.float64):
         raise ValueError(f"compute_dtype must be torch.float32 or torch.float64, got {compute_dtype}")
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0 \
@@ -406,26 +350,16 @@ def unified_attention_chunked(
         raise ValueError(
             f"chunk_size must be a positive multiple of m = {config.m}, got {chunk_size!r}"
         )
+    causal, window, softcap = options.causal, options.window, options.softcap
     device = q.device
-    if k_cache.device != device or v_cache.device != device:
-        raise ValueError(
-            f"q, k_cache and v_cache must be on one device, got {device}, {k_cache.device}, "
-            f"{v_cache.device}"
-        )
     num_tokens, num_q_heads, head_dim = q.shape
     head_dim_v = v_cache.shape[3]
     if out is None:
         out = torch.zeros(num_tokens, num_q_heads, head_dim_v, dtype=q.dtype, device=device)
     else:
-        if out.shape != (num_tokens, num_q_heads, head_dim_v) or out.dtype != q.dtype \
-                or out.device != device:
-            raise ValueError(
-                f"out must be [{num_tokens}, {num_q_heads}, {head_dim_v}] {q.dtype} on {device}, "
-                f"got {tuple(out.shape)} {out.dtype} on {out.device}"
-            )
         out[cu[-1]:].zero_()
     lse = torch.full((num_tokens, num_q_heads), -math.inf, dtype=compute_dtype, device=device)
-    scale = 1.0 / math.sqrt(head_dim) if softmax_scale is None else float(softmax_scale)
+    scale = options.softmax_scale
     m = config.m
     rows_per_chunk = max(1, _CHUNK_SCORE_ELEMENTS // (num_q_heads * chunk_size))
     block_table = block_table.to(device)

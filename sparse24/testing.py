@@ -6,7 +6,16 @@ from typing import NamedTuple, Sequence
 
 import torch
 
-__all__ = ["PagedInputs", "make_paged_inputs", "assert_close_report", "kernel_keep_mask", "EDGE_CASE_BASE", "EDGE_CASES"]
+__all__ = ["PagedInputs", "make_paged_inputs", "assert_close_report", "kernel_keep_mask", "jax_unified_attention",
+           "to_jax", "to_torch", "TOLERANCE", "EDGE_CASE_BASE", "EDGE_CASES"]
+
+# Output tolerances against the float64 oracle, from the dtype: fp32 accumulates like the
+# oracle up to rounding; bf16/fp16 round q, k, v (exact for small integers), P and the output.
+TOLERANCE = {
+    "float32": dict(atol=2e-5, rtol=1e-5),
+    "float16": dict(atol=4e-3, rtol=4e-3),
+    "bfloat16": dict(atol=2.5e-2, rtol=2e-2),
+}
 
 
 class PagedInputs(NamedTuple):
@@ -125,7 +134,40 @@ def assert_close_report(actual, expected, atol: float, rtol: float, name: str = 
         )
 
 
-def kernel_keep_mask(inputs: PagedInputs, **kwargs) -> list[torch.Tensor]:
+def to_jax(tensors) -> list:
+    """torch tensors -> jax arrays of the same dtype (bf16 through fp32, exactly)."""
+    import jax.numpy as jnp
+
+    out = []
+    for t in tensors:
+        t = t.detach().cpu()
+        if t.dtype == torch.bfloat16:
+            out.append(jnp.asarray(t.float().numpy()).astype(jnp.bfloat16))
+        else:
+            out.append(jnp.asarray(t.numpy()))
+    return out
+
+
+def to_torch(x) -> torch.Tensor:
+    """A jax array -> a writable fp32 CPU torch copy (exact for every float dtype we use)."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    return torch.from_numpy(np.array(jnp.asarray(x, jnp.float32)))
+
+
+def jax_unified_attention(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, **kwargs):
+    """``sparse24.jax_ops.unified_attention`` on torch inputs, returning torch (fp32 CPU), so
+    the torch-side checks (``kernel_keep_mask``) run the JAX door unchanged."""
+    from sparse24.jax_ops import unified_attention
+
+    result = unified_attention(*to_jax((q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens)), **kwargs)
+    if isinstance(result, tuple):
+        return tuple(to_torch(r) for r in result)
+    return to_torch(result)
+
+
+def kernel_keep_mask(inputs: PagedInputs, op=None, **kwargs) -> list[torch.Tensor]:
     """The keys the *kernel* kept, per sequence: bool [H_q, q_len, kv_len] (CPU).
 
     Reads the decisions through the output, with no debug path in the kernel: V is replaced
@@ -136,10 +178,12 @@ def kernel_keep_mask(inputs: PagedInputs, **kwargs) -> list[torch.Tensor]:
 
     Args:
       inputs: the unified-attention inputs (``v_cache`` is ignored).
-      **kwargs: passed to ``sparse24.torch_ops.unified_attention`` (config, causal,
-        window, softcap, num_kv_splits, backend, ...).
+      op: the door to probe, called like ``unified_attention`` on torch tensors; default
+        ``sparse24.torch_ops.unified_attention``; ``jax_unified_attention`` probes JAX's.
+      **kwargs: passed to ``op`` (config, causal, window, softcap, num_kv_splits, backend, ...).
     """
-    from sparse24.torch_ops import unified_attention
+    if op is None:
+        from sparse24.torch_ops import unified_attention as op
 
     q, k_cache, v_cache, block_table, cu, kv = inputs
     head_dim = q.shape[-1]
@@ -152,7 +196,7 @@ def kernel_keep_mask(inputs: PagedInputs, **kwargs) -> list[torch.Tensor]:
             for j in range(start, min(start + head_dim, kv_len)):
                 probe[int(bt_h[b, j // block_size]), j % block_size, :, j - start] = 1.0
         probe = probe.to(v_cache.dtype).to(v_cache.device)
-        out = unified_attention(q, k_cache, probe, block_table, cu, kv, **kwargs).cpu()
+        out = op(q, k_cache, probe, block_table, cu, kv, **kwargs).cpu()
         for b, kv_len in enumerate(kv_h):
             width = min(start + head_dim, kv_len) - start
             if width <= 0:

@@ -1,9 +1,9 @@
 """Test setup: pick how this process runs Triton before anything imports it.
 
 Triton decides interpreted-or-compiled for the whole process at import time. Without a
-CUDA GPU we set ``TRITON_INTERPRET=1`` here, first, so the kernel tests run the real
-kernel source in Triton's CPU interpreter; with a GPU the kernels are compiled. An
-explicit ``TRITON_INTERPRET`` in the environment always wins.
+CUDA GPU ``sparse24.backends.use_interpreter_if_no_gpu()`` sets ``TRITON_INTERPRET=1`` here,
+first, so the kernel tests run the real kernel source in Triton's CPU interpreter; with a
+GPU the kernels are compiled. An explicit ``TRITON_INTERPRET`` in the environment always wins.
 
 JAX would reserve 75% of the GPU at its first use; torch and JAX share the GPU in these
 tests (and several pytest-xdist workers share it too), so JAX allocates on demand here
@@ -14,16 +14,12 @@ import os
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
-if "TRITON_INTERPRET" not in os.environ:
-    import torch
+from sparse24.backends import kernels_interpreted, use_interpreter_if_no_gpu  # noqa: E402
 
-    if not torch.cuda.is_available():
-        os.environ["TRITON_INTERPRET"] = "1"
+use_interpreter_if_no_gpu()
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-
-from sparse24.backends import kernels_interpreted  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -148,3 +148,64 @@ def test_paged_attention_mixed_batch_decode_equals_full_recompute():
         q, k, v = qkv[s]
         full = jax_attention(q[None], k[None], v[None], causal=True, config=TWO_FOUR, backend="reference")[0]
         np.testing.assert_allclose(last[s][0], full[-1], atol=2e-5, rtol=2e-5)
+
+
+def count_runs(monkeypatch):
+    """Count the padded-attention runs *executed* (a debug callback inside each run fires only
+    when its branch runs, also under jit)."""
+    runs = []
+    attention = sparse24.flax._padded_attention
+
+    def counted(*args, **kwargs):
+        out = attention(*args, **kwargs)
+        jax.debug.callback(lambda: runs.append(kwargs["causal"]))
+        return out
+
+    monkeypatch.setattr(sparse24.flax, "_padded_attention", counted)
+    return runs
+
+
+def test_jit_with_a_mask_and_no_is_causal_runs_the_kernel_once(monkeypatch):
+    runs = count_runs(monkeypatch)
+    fn = sparse24.flax.attention_fn(TWO_FOUR, backend="reference")
+    q = jax.random.normal(jax.random.key(0), (2, 6, 4, 8))
+    run = jax.jit(lambda q, mask: fn(q, q, q, mask=mask))
+    causal = nnx.make_causal_mask(q[..., 0, 0])
+    padding = padding_mask([6, 4], 6)
+    eager_causal, eager_plain = fn(q, q, q, mask=causal), fn(q, q, q, mask=padding)
+    runs.clear()
+    got = run(q, causal)
+    jax.effects_barrier()
+    assert runs == [True]
+    np.testing.assert_allclose(got, eager_causal, atol=1e-6)
+    runs.clear()
+    got = run(q, padding)
+    jax.effects_barrier()
+    assert runs == [False]
+    np.testing.assert_allclose(got[0], eager_plain[0], atol=1e-6)
+    np.testing.assert_allclose(got[1, :4], eager_plain[1, :4], atol=1e-6)
+    mixed = jnp.concatenate([causal[:1], padding[1:]])  # row 0 causal, row 1 a padding mask
+    runs.clear()
+    got = run(q, mixed)
+    jax.effects_barrier()
+    assert sorted(runs) == [False, True]  # only a mixed batch needs both readings
+    np.testing.assert_allclose(got[0], eager_causal[0], atol=1e-6)
+    np.testing.assert_allclose(got[1, :4], eager_plain[1, :4], atol=1e-6)
+    np.testing.assert_allclose(fn(q, q, q, mask=mixed), got, atol=1e-6)
+    arbitrary = jnp.ones((2, 1, 6, 6), bool).at[:, :, 4, 2].set(False)
+    assert bool(jnp.isnan(run(q, arbitrary)).all())  # under jit: NaN, never silently wrong
+
+
+def test_extra_keywords_of_newer_flax():
+    """Newer Flax passes more keywords (input_positions): None is accepted, values that carry
+    meaning raise; named parameters stay (Linen filters by signature)."""
+    import inspect
+
+    fn = sparse24.flax.attention_fn(TWO_FOUR, backend="reference")
+    assert {"mask", "is_causal", "dropout_rng"} <= set(inspect.signature(fn).parameters)
+    q = jax.random.normal(jax.random.key(0), (1, 5, 4, 8))
+    np.testing.assert_allclose(fn(q, q, q, input_positions=None, out_sharding=None), fn(q, q, q))
+    with pytest.raises(ValueError, match="input_positions must be None"):
+        fn(q, q, q, input_positions=jnp.arange(5)[None])
+    with pytest.raises(TypeError, match=r"unexpected keyword arguments \['sinks'\]"):
+        fn(q, q, q, sinks=jnp.zeros(4))

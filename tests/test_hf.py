@@ -12,6 +12,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import sparse24.hf  # noqa: E402  (registers attn_implementation="sparse24")
+import sparse24.layouts  # noqa: E402
 from sparse24 import SparsityConfig  # noqa: E402
 from sparse24.reference import keep_mask_reference  # noqa: E402
 from transformers import AttentionInterface  # noqa: E402
@@ -175,17 +176,23 @@ def test_chunked_prefill_equals_one_shot():
     torch.testing.assert_close(torch.cat([first, second], 1), full, atol=2e-5, rtol=2e-5)
 
 
-@pytest.mark.parametrize("kind", ["llama", "mistral"])
-def test_greedy_decode_keeps_what_prefill_keeps(kind):
+SINK_M8 = SparsityConfig(n=1, m=8, dense_sink_tokens=2, dense_recent_tokens=3)
+
+
+@pytest.mark.parametrize("kind,config,new_tokens", [("llama", TWO_FOUR, 14), ("mistral", TWO_FOUR, 14),
+                                                    ("mistral", SINK_M8, 24)],
+                         ids=["llama", "mistral", "mistral-sink-1:8"])
+def test_greedy_decode_keeps_what_prefill_keeps(kind, config, new_tokens):
     """Token-by-token decode (with the cache) and one prefill over the same tokens give the
     same logits: the same keys are kept (also on a sliding-window layer whose cache drops
-    old keys)."""
+    old keys: 22 of 30 with the window of 8, more than sink + m, so the layout's bounded
+    count of dropped keys is exercised)."""
     model = tiny_model(kind)
     model.set_attn_implementation("sparse24")
-    sparse24.hf.sparsify(model, TWO_FOUR)
+    sparse24.hf.sparsify(model, config)
     with torch.no_grad():
-        generated = model.generate(IDS[:1, :6], max_new_tokens=14, do_sample=False, pad_token_id=0)
-        step_logits = model.generate(IDS[:1, :6], max_new_tokens=14, do_sample=False, pad_token_id=0,
+        generated = model.generate(IDS[:1, :6], max_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+        step_logits = model.generate(IDS[:1, :6], max_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
                                      output_logits=True, return_dict_in_generate=True).logits
         full = model(generated).logits
     for t, logits in enumerate(step_logits):
@@ -227,6 +234,196 @@ def test_refuses_what_it_cannot_do():
         sparse24.hf.attention_forward(attn, q, kv, kv, None, output_attentions=True)
 
 
+def left_padded_batch(lengths=(12, 7), seed=10):
+    width = max(lengths)
+    prompts = [torch.randint(0, 97, (n,), generator=torch.Generator().manual_seed(seed + n)) for n in lengths]
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros(len(prompts), width, dtype=torch.long)
+    for b, p in enumerate(prompts):
+        ids[b, width - len(p):] = p
+        mask[b, width - len(p):] = 1
+    return ids, mask
+
+
+@pytest.mark.parametrize("kind", ["llama", "mistral"])
+@pytest.mark.parametrize("config", [SparsityConfig.dense(), TWO_FOUR], ids=["dense", "2:4"])
+def test_static_cache_generate_equals_dynamic(kind, config):
+    """generate(cache_implementation="static"): key/value are the whole static buffer and the
+    slot mask marks its unwritten tail; same greedy tokens as the dynamic cache, for a
+    left-padded batch and a single prompt (mistral: a static sliding-window layer too)."""
+    model = tiny_model(kind)
+    model.set_attn_implementation("sparse24")
+    sparse24.hf.sparsify(model, config, backend="reference")
+    ids, mask = left_padded_batch()
+    kw = dict(max_new_tokens=12, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        for i, m in ((ids, mask), (ids[:1], mask[:1])):
+            dynamic = model.generate(i, attention_mask=m, **kw)
+            static = model.generate(i, attention_mask=m, cache_implementation="static", **kw)
+            assert torch.equal(static, dynamic)
+
+
+def test_static_cache_forward_without_attention_mask():
+    """A StaticCache driven by hand without an attention_mask (the mask function sees the
+    cache's fill level only as a device tensor): prefill + decode logits equal the dynamic
+    cache's."""
+    model = tiny_model("llama")
+    model.set_attn_implementation("sparse24")
+    sparse24.hf.sparsify(model, TWO_FOUR)
+    ids = IDS[:, :9]
+    with torch.no_grad():
+        got, want = [], []
+        for cache, out in ((transformers.StaticCache(config=model.config, max_cache_len=32), got),
+                           (transformers.DynamicCache(config=model.config), want)):
+            out.append(model(ids[:, :6], past_key_values=cache, use_cache=True).logits)
+            for t in range(6, 9):
+                out.append(model(ids[:, t:t + 1], past_key_values=cache, use_cache=True).logits)
+    torch.testing.assert_close(torch.cat(got, 1), torch.cat(want, 1), atol=2e-5, rtol=2e-5)
+
+
+def count_layout_builds(monkeypatch):
+    builds = []
+    build = sparse24.layouts.padding_mask_layout_torch
+
+    def counting(*args, **kwargs):
+        builds.append(args[2])  # q_len
+        return build(*args, **kwargs)
+
+    monkeypatch.setattr(sparse24.layouts, "padding_mask_layout_torch", counting)
+    return builds
+
+
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_layout_built_once_per_forward(monkeypatch, cache):
+    """All layers of one forward share one layout (two for a hybrid sliding/full model)."""
+    builds = count_layout_builds(monkeypatch)
+    model = tiny_model("llama", layers=4)
+    model.set_attn_implementation("sparse24")
+    sparse24.hf.sparsify(model, TWO_FOUR)
+    ids, mask = left_padded_batch()
+    with torch.no_grad():
+        model(ids, attention_mask=mask)
+        assert builds == [12]
+        builds.clear()
+        model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0,
+                       cache_implementation=cache if cache == "static" else None)
+    assert builds == [12, 1, 1, 1, 1]  # a prefill and four decode forwards
+    builds.clear()
+    gemma = tiny_model("gemma2", layers=4)  # sliding, full, sliding, full
+    gemma.set_attn_implementation("sparse24")
+    with torch.no_grad():
+        gemma(ids, attention_mask=mask)
+    assert builds == [12, 12]
+
+
+SYNCS = {"item", "tolist", "cpu", "numpy", "nonzero", "masked_select", "argwhere", "unique",
+         "__bool__", "__int__", "__float__", "__index__", "repeat_interleave"}
+
+
+class HostReads(torch.overrides.TorchFunctionMode):
+    """Records every tensor operation that reads a tensor's values on the host (a sync on a
+    GPU): .item()/.tolist()/.cpu()/.numpy(), bool()/int(), nonzero, boolean-mask indexing,
+    .to("cpu")."""
+
+    def __init__(self):
+        super().__init__()
+        self.reads = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", str(func))
+        index = args[1] if name in ("__getitem__", "__setitem__") and len(args) > 1 else None
+        indices = index if isinstance(index, tuple) else (index,)
+        if name in SYNCS or any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in indices) or (
+                name == "to" and any(str(a).startswith("cpu") for a in (*args[1:], kwargs.get("device")))):
+            self.reads.append(name)
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_no_host_read_per_layer(monkeypatch, cache):
+    """Inside the attention function (the op itself excluded): a padded prefill reads the
+    host once per forward (the holes / all-real flags, first layer only), a decode step
+    never."""
+    import sparse24.torch_ops
+
+    reads = HostReads()
+    op = sparse24.torch_ops.unified_attention
+
+    def op_unwatched(*args, **kwargs):  # the op's own checks are not the adapter's
+        assert kwargs["max_seqlen_q"] is not None and kwargs["max_seqlen_k"] is not None
+        with torch.overrides._pop_mode_temporarily():
+            return op(*args, **kwargs)
+
+    forward = sparse24.hf.attention_forward
+
+    def watched(*args, **kwargs):
+        with reads:
+            return forward(*args, **kwargs)
+
+    monkeypatch.setattr(sparse24.torch_ops, "unified_attention", op_unwatched)
+    monkeypatch.setattr(sparse24.hf, "attention_forward", watched)
+    sparse24.hf.register("sparse24_watched")
+    model = tiny_model("mistral", layers=3)  # sliding-window layers: position_ids are read on the device
+    model.set_attn_implementation("sparse24_watched")
+    sparse24.hf.sparsify(model, TWO_FOUR)
+    ids, mask = left_padded_batch()
+    with torch.no_grad():
+        past = (transformers.StaticCache(config=model.config, max_cache_len=40) if cache == "static"
+                else transformers.DynamicCache(config=model.config))
+        position_ids = (mask.cumsum(1) - 1).clamp(min=0)
+        logits = model(ids, attention_mask=mask, position_ids=position_ids, past_key_values=past, use_cache=True).logits
+        assert reads.reads == ["tolist"]
+        for _ in range(10):  # past the window of 8
+            reads.reads.clear()
+            mask = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1)
+            position_ids = position_ids[:, -1:] + 1
+            logits = model(logits[:, -1:].argmax(-1), attention_mask=mask, position_ids=position_ids,
+                           past_key_values=past, use_cache=True).logits
+            assert reads.reads == []
+
+
+def test_decode_with_holes_outputs_nan():
+    """A decode step cannot raise without a host read: a row whose mask has holes gets NaN
+    (the other rows are unaffected)."""
+    model = tiny_model("llama")
+    model.set_attn_implementation("sparse24")
+    sparse24.hf.sparsify(model, TWO_FOUR)
+    ids, mask = left_padded_batch()
+    with torch.no_grad():
+        cache = transformers.DynamicCache(config=model.config)
+        model(ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+        holed = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1)
+        holed[1, -3] = 0
+        logits = model(ids[:, -1:], attention_mask=holed, past_key_values=cache, use_cache=True).logits
+    assert torch.isnan(logits[1]).all() and torch.isfinite(logits[0]).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", [SparsityConfig.dense(), TWO_FOUR], ids=["dense", "2:4"])
+def test_gpu_static_cache_compiled_generate_equals_eager(config):
+    """StaticCache + torch.compile(mode="reduce-overhead", fullgraph=True) of the decode step
+    (generate compiles it on a GPU; CUDA graphs): the same greedy tokens as eager, for a
+    left-padded batch, also when the captured graphs are replayed by a second generate."""
+    model = tiny_model("llama").to("cuda")
+    model.set_attn_implementation("sparse24")
+    sparse24.hf.sparsify(model, config, backend="triton")
+    ids, mask = (t.to("cuda") for t in left_padded_batch())
+    kw = dict(max_new_tokens=16, do_sample=False, pad_token_id=0, cache_implementation="static")
+    compile_config = transformers.CompileConfig(fullgraph=True, mode="reduce-overhead")
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    with torch.no_grad():
+        eager = model.generate(ids, attention_mask=mask, disable_compile=True, **kw)
+        dynamic = model.generate(ids, attention_mask=mask, max_new_tokens=16, do_sample=False, pad_token_id=0)
+        compiled = model.generate(ids, attention_mask=mask, compile_config=compile_config, **kw)
+        again = model.generate(ids, attention_mask=mask, compile_config=compile_config, **kw)
+    assert torch.equal(eager, dynamic)
+    assert torch.equal(compiled, eager) and torch.equal(again, eager)
+    assert not counters["inductor"]["cudagraph_skips"], dict(counters["inductor"])  # CUDA graphs did run
+
+
 def test_transformers_does_not_see_a_kernels_package():
     """The repo's kernels/ folder installs as sparse24.kernels, never as a top-level `kernels`
     that transformers' hub-kernels probe could mistake for the HF `kernels` package."""
@@ -243,3 +440,31 @@ def test_transformers_does_not_see_a_kernels_package():
     except importlib.metadata.PackageNotFoundError:
         pass
     assert not probe()
+
+
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_layout_traces_without_graph_breaks(cache):
+    """What the attention function does around the op (paged views, slot mask, layout,
+    packing) traces into one graph (torch.compile fullgraph, Dynamo only: CPU)."""
+    import torch._dynamo
+
+    batch, q_len, kv_len = 2, 1, 16
+    q = torch.randn(batch, 4, q_len, 16)
+    kv = torch.randn(batch, 2, kv_len, 16)
+    filled = torch.tensor(9) if cache == "static" else 15  # a StaticCache's fill level is a tensor
+    mask = torch.ones(batch, 10 if cache == "static" else 16, dtype=torch.bool)
+    mask[1, :3] = False
+    positions = torch.tensor([[9], [6]])
+
+    def around_the_op(q, kv, mask, positions, filled):
+        slots = sparse24.hf.slot_mask(batch, q_len, kv_len, filled, 0, attention_mask=mask)
+        k_cache, pages_per_row = sparse24.hf._paged_view(kv)
+        layout = sparse24.hf._layout(slots, positions, batch=batch, q_len=q_len, kv_len=kv_len,
+                                     pages_per_row=pages_per_row, sliding=True, config=TWO_FOUR, device=q.device)
+        packed = sparse24.layouts.pack_padded_torch(q.transpose(1, 2), layout)
+        return k_cache.sum(), packed, layout.block_table, layout.cu_seqlens_q, layout.seq_lens
+
+    torch._dynamo.reset()
+    compiled = torch.compile(around_the_op, fullgraph=True, backend="eager")
+    for got, want in zip(compiled(q, kv, mask, positions, filled), around_the_op(q, kv, mask, positions, filled)):
+        torch.testing.assert_close(got, want)

@@ -21,48 +21,22 @@ import jax.numpy as jnp  # noqa: E402
 from sparse24 import SparsityConfig  # noqa: E402
 from sparse24.jax_ops import attention, unified_attention, write_kv_cache  # noqa: E402
 from sparse24.reference import unified_attention_reference  # noqa: E402
-from sparse24.testing import PagedInputs, assert_close_report, make_paged_inputs  # noqa: E402
+from sparse24.testing import (  # noqa: E402
+    EDGE_CASE_BASE,
+    TOLERANCE,
+    assert_close_report,
+    make_paged_inputs,
+    to_jax,
+    to_torch,
+)
 
-TOLERANCE = {
-    "float32": dict(atol=2e-5, rtol=1e-5),
-    "bfloat16": dict(atol=2.5e-2, rtol=2e-2),
-    "float16": dict(atol=4e-3, rtol=4e-3),
-}
+BASE = EDGE_CASE_BASE  # the shared edge grid runs, decisions exact, in tests/test_jax_kernel.py
 
 
 @pytest.fixture(scope="module")
 def jax_backend(kernel_backend):
     """The backend that runs the Triton kernel for JAX in this process."""
     return "interpret" if kernel_backend[0] == "interpret" else "triton"
-
-
-def to_jax(inputs: PagedInputs) -> list:
-    out = []
-    for t in inputs:
-        t = t.cpu()
-        if t.dtype == torch.bfloat16:
-            out.append(jnp.asarray(t.float().numpy()).astype(jnp.bfloat16))
-        else:
-            out.append(jnp.asarray(t.numpy()))
-    return out
-
-
-def to_torch(x) -> torch.Tensor:
-    return torch.from_numpy(np.array(jnp.asarray(x, jnp.float32)))  # a writable copy
-
-
-BASE = dict(q_lens=(9, 1, 23, 1), kv_lens=(41, 30, 23, 1))
-GRID = {
-    "mixed": {},
-    "decode": dict(q_lens=(1, 1, 1), kv_lens=(1, 37, 64)),
-    "prefill-gqa5": dict(q_lens=(50,), kv_lens=(50,), num_q_heads=5, num_kv_heads=1),
-    "head-dim-80-page-1": dict(head_dim=80, block_size=1),
-    "non-causal-window": dict(causal=False, window=20),
-    "softcap-sink-recent": dict(softcap=5.0, config="2:4,sink=3,recent=6"),
-    "5:8-dense-decode": dict(config="5:8,recent=0,sparse_decode=false"),
-    "dense": dict(config="dense"),
-    "split-4": dict(num_kv_splits=4),
-}
 
 
 def run_case(backend, *, q_lens, kv_lens, num_q_heads=4, num_kv_heads=2, head_dim=64, block_size=16,
@@ -78,16 +52,6 @@ def run_case(backend, *, q_lens, kv_lens, num_q_heads=4, num_kv_heads=2, head_di
                                                return_lse=True)
     assert_close_report(to_torch(out), ref, name="out", **TOLERANCE[jnp.dtype(out.dtype).name])
     assert_close_report(to_torch(lse), ref_lse, atol=1e-4, rtol=1e-5, name="lse")
-
-
-@pytest.mark.parametrize("case", list(GRID), ids=list(GRID))
-def test_jax_kernel_matches_reference(jax_backend, case):
-    run_case(jax_backend, **{**BASE, **GRID[case]})
-
-
-@pytest.mark.parametrize("case", ["mixed", "split-4"])
-def test_jax_kernel_bf16(jax_backend, case):
-    run_case(jax_backend, **{**BASE, **GRID[case]}, dtype=torch.bfloat16)
 
 
 def test_jax_reference_backend_matches_oracle():

@@ -105,19 +105,27 @@ def test_long_context_chunk_sizes_agree():
 
 
 def test_empty_rows_and_padding_tokens():
-    """Rows that keep nothing give zeros and lse -inf (no NaN); tokens past cu_seqlens_q[-1]
-    are zeros; an empty sequence in the middle of the batch changes nothing."""
+    """Rows that keep nothing (every score -inf) give zeros and lse -inf (no NaN); an empty
+    sequence in the middle of the batch changes nothing. Tokens past cu_seqlens_q[-1] (the
+    contract rejects them; only the padded attention() packs its batch so, through the
+    computation itself) are zeros."""
+    from sparse24.jax_reference import _forward
+
     inputs, kwargs = make_case(q_lens=(6, 0, 3), kv_lens=(20, 5, 9), config="2:4,recent=0", window=3)
-    # sequence 0: only 2 keys for 6 queries, so with the causal mask rows 0..3 see no key
-    seq_lens = inputs.seq_lens.clone()
-    seq_lens[0] = 2
-    q = torch.cat([inputs.q, torch.ones(4, *inputs.q.shape[1:])])  # 4 tokens of no sequence
-    inputs = inputs._replace(q=q, seq_lens=seq_lens)
+    q = inputs.q.clone()
+    q[:4] = -float("inf")  # against k > 0: -inf scores everywhere
+    inputs = inputs._replace(q=q, k_cache=inputs.k_cache.abs() + 1.0)
     out, lse = check_against_oracle(inputs, kwargs)
     out, lse = np.asarray(out), np.asarray(lse)
     assert np.isneginf(lse[:4]).all() and (out[:4] == 0).all()
     assert np.isfinite(lse[4:9]).all()
-    assert np.isneginf(lse[9:]).all() and (out[9:] == 0).all()
+
+    padded = to_jax(inputs._replace(q=torch.cat([q, torch.ones(4, *q.shape[1:])])))  # 4 tokens of no sequence
+    core_out, core_lse = _forward(*padded, config=kwargs["config"], causal=True, scale=1 / 8, window=3, softcap=0.0,
+                                  chunk_size=256, query_chunk=128)
+    core_out, core_lse = np.asarray(core_out), np.asarray(core_lse)
+    np.testing.assert_array_equal(core_out[:9], out)
+    assert np.isneginf(core_lse[9:]).all() and (core_out[9:] == 0).all()
 
 
 def test_unused_slots_and_pages_are_never_read():
@@ -216,7 +224,7 @@ def test_grad_matches_torch_autograd():
 def test_options_are_validated():
     inputs, kwargs = make_case(**BASE)
     arrays = to_jax(inputs)
-    with pytest.raises(TypeError, match="SparsityConfig"):
+    with pytest.raises(TypeError, match=r"^config must be a sparse24\.SparsityConfig or None, got str"):
         unified_attention_jax_reference(*arrays, config="2:4")
     with pytest.raises(ValueError, match="chunk_size"):
         unified_attention_jax_reference(*arrays, config=SparsityConfig(n=2, m=8), chunk_size=12)
@@ -284,3 +292,98 @@ def test_golden(golden, pair):
 
 def test_golden_set_is_complete():
     assert [c["case"] for c in GOLDEN_CASES] == list(range(40))
+
+
+# --------------------------------------------------------------------------------------------
+# The one input contract (sparse24.validation.prepare_unified_attention), JAX side: each rule
+# settled where the entry points used to disagree, through the JAX ops and the JAX reference
+# alike. (The torch side: tests/test_validation.py, "contract rules".)
+
+
+def _jax_entry_points():
+    from sparse24.jax_ops import unified_attention
+
+    return {
+        "jax_reference": lambda *a, **kw: unified_attention_jax_reference(*a, **kw),
+        "jax_ops-reference": lambda *a, **kw: unified_attention(*a, backend="reference", **kw),
+        "jax_ops-auto": lambda *a, **kw: unified_attention(*a, backend="auto", **kw),
+    }
+
+
+RULES = [
+    # (id, kwargs, mutate the arrays, error, message)
+    ("window-0", dict(window=0), None, ValueError, r"^window must be an int >= 1 .*got 0"),
+    ("softmax_scale-0", dict(softmax_scale=0.0), None, ValueError, r"^softmax_scale must be a finite float > 0, got 0.0"),
+    ("softmax_scale-negative", dict(softmax_scale=-0.5), None, ValueError,
+     r"^softmax_scale must be a finite float > 0, got -0.5"),
+    ("config-str", dict(config="2:4,recent=64"), None, TypeError,
+     r"^config must be a sparse24\.SparsityConfig or None, got str .*SparsityConfig\.parse"),
+    ("cu_seqlens_q-end-short", {}, lambda a: a.__setitem__(4, a[4].at[-1].add(-1)), ValueError,
+     r"^cu_seqlens_q \[num_seqs \+ 1\] must end at num_tokens = \d+ \(q.shape\[0\]\), got cu_seqlens_q\[-1\] = "),
+    ("q_len>kv_len", {}, lambda a: a.__setitem__(5, a[5].at[0].set(1)), ValueError,
+     r"^seq_lens \[num_seqs\] counts every key .*sequence 0 has q_len = 9 > seq_lens\[0\] = 1"),
+    ("v_cache-head_dim", {}, lambda a: a.__setitem__(2, a[2][..., :32]), ValueError,
+     r"^v_cache must have the shape of k_cache"),
+]
+
+
+@pytest.mark.parametrize("entry", ["jax_reference", "jax_ops-reference", "jax_ops-auto"])
+@pytest.mark.parametrize("rule", RULES, ids=[r[0] for r in RULES])
+def test_contract_rules_jax(rule, entry):
+    _, kwargs, mutate, error, match = rule
+    inputs, _ = make_case(**BASE)
+    arrays = to_jax(inputs)
+    if mutate is not None:
+        mutate(arrays)
+    with pytest.raises(error, match=match) as info:
+        _jax_entry_points()[entry](*arrays, **kwargs)
+    assert type(info.value) is error
+
+
+def test_contract_float64_jax():
+    """float64: accepted by the JAX reference (an oracle), a TypeError naming float64 in the ops
+    (every backend); the torch side is tested in tests/test_validation.py."""
+    from sparse24.jax_ops import attention, unified_attention
+
+    inputs, kwargs = make_case(**BASE)
+    with jax.enable_x64(True):
+        arrays = [jnp.asarray(t.double().numpy()) if t.dtype.is_floating_point else jnp.asarray(t.numpy())
+                  for t in inputs]
+        assert arrays[0].dtype == jnp.float64
+        out = unified_attention_jax_reference(*arrays, **kwargs)
+        assert out.dtype == jnp.float64
+        ref = unified_attention_reference(*inputs, **kwargs)
+        assert_close_report(torch.from_numpy(np.array(out)), ref, atol=1e-5, rtol=1e-5, name="float64")
+        match = r"^q must have dtype in \['float32', 'float16', 'bfloat16'\], got float64 \(float64 is accepted by the references only"
+        for backend in ("reference", "auto"):
+            with pytest.raises(TypeError, match=match):
+                unified_attention(*arrays, backend=backend, **kwargs)
+        q = jnp.zeros((1, 4, 2, 8), jnp.float64)
+        with pytest.raises(TypeError, match=match):
+            attention(q, q[:, :, :1], q[:, :, :1], backend="reference")
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(window=0), ValueError, r"^window must be an int >= 1"),
+    (dict(softmax_scale=-1.0), ValueError, r"^softmax_scale must be a finite float > 0"),
+    (dict(config="2:4"), TypeError, r"^config must be a sparse24\.SparsityConfig or None, got str"),
+], ids=["window-0", "softmax_scale-negative", "config-str"])
+def test_contract_rules_jax_padded_attention(kwargs, error, match):
+    from sparse24.jax_ops import attention
+
+    q = jnp.zeros((2, 5, 4, 8), jnp.float32)
+    k = jnp.zeros((2, 6, 2, 8), jnp.float32)
+    with pytest.raises(error, match=match):
+        attention(q, k, k, backend="reference", **kwargs)
+
+
+def test_jax_auto_means_what_torch_auto_means():
+    """backend="auto" for JAX: the kernel on a GPU, the interpreter in an interpreting process,
+    else the reference: the same resolver as torch (sparse24.backends.resolve_backend)."""
+    from sparse24.backends import kernels_interpreted, resolve_backend
+    from sparse24.jax_ops.api import resolve_backend as jax_resolve
+
+    want = resolve_backend("auto", "torch", on_gpu=jax.default_backend() == "gpu")
+    assert jax_resolve("auto") == want
+    if kernels_interpreted():
+        assert want == "interpret"

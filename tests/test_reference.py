@@ -282,10 +282,9 @@ def test_prefill_and_decode_select_the_same_keys():
 def test_rows_with_nothing_kept_give_zeros_and_minus_inf_lse():
     inp = make_paged_inputs([4, 2], [4, 9], num_q_heads=2, num_kv_heads=1, head_dim=4,
                             block_size=4, seed=1)
-    # q_len 4 > kv_len 2 for sequence 0: rows at positions -2, -1 see no key (causal)
-    inp = inp._replace(seq_lens=torch.tensor([2, 9], dtype=torch.int32))
-    # and sequence 1's last row scores -inf everywhere
+    # rows 0 and 5 score -inf against every key (k > 0): nothing to keep, never NaN
     q = inp.q.clone()
+    q[0] = -math.inf
     q[5] = -math.inf
     inp = inp._replace(q=q, k_cache=inp.k_cache.abs() + 1.0)
     for fn, kw in [(unified_attention_reference, {}),
@@ -293,24 +292,50 @@ def test_rows_with_nothing_kept_give_zeros_and_minus_inf_lse():
                    (unified_attention_chunked, dict(chunk_size=4, compute_dtype=torch.float64))]:
         out, lse = fn(*inp, return_lse=True, **kw)
         assert not torch.isnan(out).any() and not torch.isnan(lse).any()
-        for row in (0, 1, 5):
+        for row in (0, 5):
             assert torch.equal(out[row], torch.zeros_like(out[row]))
             assert torch.isneginf(lse[row]).all()
-        for row in (2, 3, 4):
+        for row in (1, 2, 3, 4):
             assert torch.isfinite(lse[row]).all() and out[row].abs().sum() > 0
-    # non-causal: the same rows see every key
-    out = unified_attention_reference(*inp, causal=False)
-    assert out[0].abs().sum() > 0
 
 
-def test_rows_outside_every_sequence_are_zero():
+def test_q_len_greater_than_kv_len_is_an_error():
+    """Contract rule (sparse24.validation): seq_lens counts the new tokens' keys too, so
+    q_len <= kv_len, in the references as in the ops."""
+    inp = make_paged_inputs([4, 2], [4, 9], num_q_heads=2, num_kv_heads=1, head_dim=4, block_size=4, seed=1)
+    inp = inp._replace(seq_lens=torch.tensor([2, 9], dtype=torch.int32))
+    match = r"^seq_lens \[num_seqs\] counts every key .*sequence 0 has q_len = 4 > seq_lens\[0\] = 2"
+    for fn in (unified_attention_reference, unified_attention_chunked):
+        with pytest.raises(ValueError, match=match):
+            fn(*inp)
+    with pytest.raises(ValueError, match=match):
+        keep_mask_reference(inp.q, inp.k_cache, inp.block_table, inp.cu_seqlens_q, inp.seq_lens)
+
+
+def test_cu_seqlens_q_must_end_at_num_tokens():
+    """Contract rule: cu_seqlens_q[-1] == num_tokens (a row of no sequence is an error)."""
     inp = make_paged_inputs([3], [6], num_q_heads=2, num_kv_heads=2, head_dim=4, block_size=4)
-    q = torch.cat([inp.q, torch.randn(2, 2, 4)])  # two padding tokens past cu_seqlens_q[-1]
-    inp = inp._replace(q=q)
+    padded = inp._replace(q=torch.cat([inp.q, torch.randn(2, 2, 4)]))  # two tokens past cu_seqlens_q[-1]
+    match = r"^cu_seqlens_q \[num_seqs \+ 1\] must end at num_tokens = 5 \(q.shape\[0\]\), got cu_seqlens_q\[-1\] = 3"
+    for fn in (unified_attention_reference, unified_attention_chunked):
+        with pytest.raises(ValueError, match=match):
+            fn(*padded)
+    with pytest.raises(ValueError, match=match):
+        keep_mask_reference(padded.q, padded.k_cache, *padded[3:])
+
+
+def test_chunked_core_zeros_rows_past_the_last_sequence():
+    """The internal path of the padded attention() (packed rows past cu_seqlens_q[-1] belong to
+    no sequence): they come out as zeros, in a given out buffer too."""
+    inp = make_paged_inputs([3], [6], num_q_heads=2, num_kv_heads=2, head_dim=4, block_size=4)
+    q = torch.cat([inp.q, torch.randn(2, 2, 4)])
+    want = unified_attention_reference(*inp)
+    opts = reference.AttentionOptions(softmax_scale=0.5, window=0, softcap=0.0)
     out = torch.full((5, 2, 4), 7.0)
-    for got in (unified_attention_reference(*inp), unified_attention_chunked(*inp, out=out)):
-        assert torch.equal(got[3:], torch.zeros_like(got[3:]))
-    assert out.abs()[:3].sum() > 0
+    got = reference._chunked(q, inp.k_cache, inp.v_cache, inp.block_table, [0, 3], [6], config=SparsityConfig(),
+                             options=opts, return_lse=False, out=out)
+    assert got is out and torch.equal(out[3:], torch.zeros_like(out[3:]))
+    assert_close_report(out[:3], want, 2e-6, 1e-5, "rows of the sequence")
 
 
 # --------------------------------------------------------------------------------------------
@@ -423,13 +448,14 @@ def test_unused_pages_are_never_read():
 
 
 def test_config_argument_forms():
+    """None is the 2:4 default; a string is a TypeError (contract rule: the references take
+    what the ops take; parse strings with SparsityConfig.parse)."""
     inp = build(SCENARIOS["prefill"], integer=True)
-    want = unified_attention_reference(*inp, config=SparsityConfig(n=1, m=8))
-    assert torch.equal(unified_attention_reference(*inp, config="1:8"), want)
     assert torch.equal(unified_attention_reference(*inp),
                        unified_attention_reference(*inp, config=SparsityConfig()))
-    with pytest.raises(TypeError, match="config must be a SparsityConfig"):
-        unified_attention_reference(*inp, config=(2, 4))
+    for config in ("1:8", (2, 4)):
+        with pytest.raises(TypeError, match=r"^config must be a sparse24\.SparsityConfig or None, got "):
+            unified_attention_reference(*inp, config=config)
 
 
 def test_argument_errors():
@@ -442,11 +468,11 @@ def test_argument_errors():
         unified_attention_reference(*inp, window=-1)
     with pytest.raises(ValueError, match="softcap"):
         unified_attention_reference(*inp, softcap=-1.0)
-    with pytest.raises(ValueError, match="out must be"):
+    with pytest.raises(ValueError, match=r"^out must have the shape of q"):
         unified_attention_chunked(*inp, out=torch.empty(1, 2, 3))
     bad = inp.block_table.clone()
     bad[0, 0] = 10_000
-    with pytest.raises(ValueError, match=r"block_table\[0, 0\] = 10000"):
+    with pytest.raises(ValueError, match=r"^block_table .* must hold page indices .*got block_table\[0, 0\] = 10000"):
         unified_attention_reference(*inp._replace(block_table=bad))
     with pytest.raises(ValueError, match="num_kv_heads"):
         unified_attention_reference(inp.q[:, :3], inp.k_cache, inp.v_cache, *inp[3:])

@@ -8,6 +8,8 @@ gives one, the shape template). Validation runs before any backend, so most case
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -526,3 +528,295 @@ def test_attention_reports_callers_shapes(q_shape, k_shape, match):
     q, k = torch.zeros(q_shape), torch.zeros(k_shape)
     with pytest.raises(ValueError, match=match):
         attention(q, k, k.clone(), backend="reference")
+
+
+# --------------------------------------------------------------------------------------
+# The one input contract (sparse24.validation.prepare_unified_attention), torch side: each
+# rule settled where the entry points used to disagree, through the torch ops (every backend)
+# and the torch references alike. (The JAX side: tests/test_jax_reference.py.)
+# --------------------------------------------------------------------------------------
+
+
+def _torch_entry_points(kernel_backend_name):
+    from sparse24.reference import keep_mask_reference, unified_attention_chunked, unified_attention_reference
+
+    def keep_mask(q, k_cache, v_cache, *rest, **kw):
+        return keep_mask_reference(q, k_cache, *rest, **kw)
+
+    return {
+        "ops-reference": lambda *a, **kw: unified_attention(*a, backend="reference", **kw),
+        "ops-kernel": lambda *a, **kw: unified_attention(*a, backend=kernel_backend_name, **kw),
+        "ops-auto": lambda *a, **kw: unified_attention(*a, backend="auto", **kw),
+        "oracle": unified_attention_reference,
+        "keep_mask": keep_mask,
+        "chunked": unified_attention_chunked,
+    }
+
+
+CONTRACT_RULES = [
+    # (id, mutation, exception type, regex)
+    ("window-0", _kw(window=0), ValueError, r"^window must be an int >= 1 .*got 0"),
+    ("softmax_scale-0", _kw(softmax_scale=0.0), ValueError, r"^softmax_scale must be a finite float > 0, got 0.0"),
+    ("softmax_scale-negative", _kw(softmax_scale=-0.5), ValueError,
+     r"^softmax_scale must be a finite float > 0, got -0.5"),
+    ("config-str", _kw(config="2:4,recent=64"), TypeError,
+     r"^config must be a sparse24\.SparsityConfig or None, got str .*SparsityConfig\.parse"),
+    ("cu_seqlens_q-end-short", _set("cu_seqlens_q", _int32([0, 3, 3])), ValueError,
+     rf"^cu_seqlens_q {CU_T} must end at num_tokens = 4 \(q.shape\[0\]\), got cu_seqlens_q\[-1\] = 3"),
+    ("cu_seqlens_q-end-long", _set("cu_seqlens_q", _int32([0, 3, 5])), ValueError,
+     rf"^cu_seqlens_q {CU_T} must end at num_tokens = 4 \(q.shape\[0\]\), got cu_seqlens_q\[-1\] = 5"),
+    ("q_len>kv_len", _set("seq_lens", _int32([2, 9])), ValueError,
+     rf"^seq_lens {SL_T} .*sequence 0 has q_len = 3 > seq_lens\[0\] = 2"),
+    ("metadata-int64", _set("seq_lens", lambda t: t.long()), TypeError,
+     r"^seq_lens must have dtype in \['int32'\], got int64"),
+    ("caches-dtype-mixed", _set("k_cache", lambda t: t.to(torch.bfloat16)), TypeError,
+     r"^k_cache must have the dtype of q \(float32\), got bfloat16"),
+    ("block_table-entry", _set("block_table", _poke_block_table(1, 0, NUM_BLOCKS)), ValueError,
+     rf"^block_table {BT_T} must hold page indices in \[0, num_blocks = 6\) .*got block_table\[1, 0\] = 6"),
+    ("q-numpy", _set("q", lambda t: t.cpu().numpy()), TypeError, r"^q must be a torch\.Tensor, got ndarray"),
+    ("device", _set("k_cache", lambda t: t.to("meta")), ValueError,
+     r"^k_cache must be on the device of q \(cpu\), got meta"),
+]
+ENTRY_POINTS = ["ops-reference", "ops-kernel", "ops-auto", "oracle", "keep_mask", "chunked"]
+
+
+@pytest.mark.parametrize("entry", ENTRY_POINTS)
+@pytest.mark.parametrize("mutate, exc, match", [c[1:] for c in CONTRACT_RULES], ids=[c[0] for c in CONTRACT_RULES])
+def test_contract_rules_torch(kernel_backend, entry, mutate, exc, match):
+    """Every torch entry point raises the same error for each settled rule."""
+    backend, device = kernel_backend
+    a, kw = unified_args("cpu" if entry in ("oracle", "keep_mask", "chunked") else device)
+    mutate(a, kw)
+    fn = _torch_entry_points(backend)[entry]
+    with pytest.raises(exc, match=match) as info:
+        fn(a["q"], a["k_cache"], a["v_cache"], a["block_table"], a["cu_seqlens_q"], a["seq_lens"], **kw)
+    assert type(info.value) is exc
+
+
+def test_contract_float64_torch(kernel_backend):
+    """float64: the references (float64 oracles) accept it; the ops raise a TypeError naming
+    float64 and where it is accepted, on every backend, unified and padded alike."""
+    from sparse24.reference import keep_mask_reference, unified_attention_chunked, unified_attention_reference
+
+    backend, device = kernel_backend
+    a, _ = unified_args()
+    a64 = {n: (t.double() if t.is_floating_point() else t) for n, t in a.items()}
+    args64 = [a64[n] for n in ("q", "k_cache", "v_cache", "block_table", "cu_seqlens_q", "seq_lens")]
+    want = unified_attention_reference(*[a[n] for n in ("q", "k_cache", "v_cache", "block_table", "cu_seqlens_q",
+                                                         "seq_lens")])
+    assert torch.equal(unified_attention_reference(*args64), want)  # the oracle computes in float64 anyway
+    got = unified_attention_chunked(*args64, compute_dtype=torch.float64)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
+    assert len(keep_mask_reference(*args64[:2], *args64[3:])) == 2
+    match = r"^q must have dtype in \['float32', 'float16', 'bfloat16'\], got float64 \(float64 is accepted by the references only"
+    for b in ("reference", backend, "auto"):
+        with pytest.raises(TypeError, match=match):
+            unified_attention(*[t.to(device) for t in args64], backend=b)
+        q = torch.zeros(2, 5, 4, 64, dtype=torch.float64, device=device)
+        k = torch.zeros(2, 8, 2, 64, dtype=torch.float64, device=device)
+        with pytest.raises(TypeError, match=match):
+            attention(q, k, k, backend=b)
+
+
+@pytest.mark.parametrize("case", ["window-zero", "config-str", "softmax_scale-negative"])
+def test_contract_rules_torch_padded_attention(case):
+    """attention() applies the same rules, with the same words."""
+    mutate, exc, match = {
+        "window-zero": (_kw(window=0), ValueError, r"^window must be an int >= 1 .*got 0"),
+        "config-str": (_kw(config="2:4"), TypeError, r"^config must be a sparse24\.SparsityConfig or None, got str"),
+        "softmax_scale-negative": (_kw(softmax_scale=-1.0), ValueError, r"^softmax_scale must be a finite float > 0"),
+    }[case]
+    a, kw = padded_args()
+    mutate(a, kw)
+    with pytest.raises(exc, match=match):
+        _call_attention(a, kw)
+
+
+def test_constants_agree_with_the_planner():
+    """validation.py keeps its own copies (importing the planner would import triton)."""
+    from sparse24 import validation
+    from sparse24.kernels import planner
+
+    assert validation.FLOAT_DTYPES == planner.SUPPORTED_DTYPES
+    assert validation.MAX_KV_SPLITS == planner.MAX_KV_SPLITS
+
+
+# --------------------------------------------------------------------------------------
+# backends: one resolver, one interpreter setup
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("framework", ["torch", "jax"])
+def test_auto_means_the_same_for_every_framework(framework):
+    """DESIGN §4: triton on a GPU, interpret in an interpreting process, else reference."""
+    from sparse24.backends import resolve_backend
+
+    if kernels_interpreted():
+        assert resolve_backend("auto", framework, on_gpu=False) == "interpret"
+        assert resolve_backend("auto", framework, on_gpu=True) == "interpret"
+    else:
+        assert resolve_backend("auto", framework, on_gpu=False) == "reference"
+        assert resolve_backend("auto", framework, on_gpu=True) == "triton"
+    assert resolve_backend("reference", framework, on_gpu=True) == "reference"
+    with pytest.raises(ValueError, match=r"^backend must be one of"):
+        resolve_backend("cuda", framework, on_gpu=False)
+
+
+def test_resolver_rejects_an_unknown_framework():
+    from sparse24.backends import resolve_backend
+
+    with pytest.raises(ValueError, match=r"^framework must be one of \['torch', 'jax'\], got 'tf'"):
+        resolve_backend("auto", "tf", on_gpu=False)
+
+
+def test_use_interpreter_if_no_gpu(monkeypatch):
+    from sparse24 import backends
+
+    # An explicit TRITON_INTERPRET always wins and is left alone.
+    for value, want in (("1", True), ("0", False), ("true", True)):
+        monkeypatch.setenv("TRITON_INTERPRET", value)
+        assert backends.use_interpreter_if_no_gpu() is want
+        assert backends.use_interpreter_if_no_gpu(force=True) is want
+        assert backends.os.environ["TRITON_INTERPRET"] == value
+    # Unset, in this process (triton already imported): a GPU keeps compiling; no GPU (or
+    # force) would need the interpreter, which is too late now: a clear error.
+    monkeypatch.delenv("TRITON_INTERPRET")
+    monkeypatch.setattr(backends, "_cuda_gpu_present", lambda: True)
+    assert backends.use_interpreter_if_no_gpu() is False
+    assert "TRITON_INTERPRET" not in backends.os.environ
+    with pytest.raises(RuntimeError, match=r"triton was already imported without TRITON_INTERPRET=1"):
+        backends.use_interpreter_if_no_gpu(force=True)
+    monkeypatch.setattr(backends, "_cuda_gpu_present", lambda: False)
+    with pytest.raises(RuntimeError, match=r"call it before anything imports triton"):
+        backends.use_interpreter_if_no_gpu()
+    # Before triton is imported it sets the variable.
+    monkeypatch.setattr(backends.sys, "modules", {k: v for k, v in sys.modules.items()
+                                                  if k != "triton" and not k.startswith("sparse24.kernels")})
+    assert backends.use_interpreter_if_no_gpu() is True
+    assert backends.os.environ["TRITON_INTERPRET"] == "1"
+
+
+# --------------------------------------------------------------------------------------
+# attention(): validated once, no host round trip
+# --------------------------------------------------------------------------------------
+
+
+def _spy(monkeypatch, module, name):
+    calls = []
+    original = getattr(module, name)
+
+    def spy(*args, **kwargs):
+        calls.append(name)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, spy)
+    return calls
+
+
+def test_each_call_is_validated_once(monkeypatch):
+    """unified_attention and attention check the contract once, whatever the backend (the
+    reference backend does not check again inside the reference)."""
+    from sparse24 import reference
+    from sparse24.torch_ops import api
+
+    op = _spy(monkeypatch, api, "prepare_unified_attention")
+    padded = _spy(monkeypatch, api, "prepare_padded_attention")
+    ref = _spy(monkeypatch, reference, "prepare_unified_attention")
+    a, kw = unified_args()
+    _call_unified(a, kw)
+    assert (len(op), len(padded), len(ref)) == (1, 0, 0)
+    p, pkw = padded_args()
+    _call_attention(p, pkw)
+    _call_attention(p, dict(seq_lens=torch.tensor([8, 3], dtype=torch.int32)))
+    assert (len(op), len(padded), len(ref)) == (1, 2, 0)
+
+
+class _HostTraffic(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records ops that read device data on the host, copy host data to the device, or index
+    with a boolean mask (a data-dependent shape: a sync)."""
+
+    SYNCING = {"_local_scalar_dense", "nonzero", "masked_select", "item"}
+
+    def __init__(self):
+        super().__init__()
+        self.bad = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func.__name__.split(".")[0]
+        tensors = [x for x in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor)]
+        if name in self.SYNCING:
+            self.bad.append(name)
+        if any(t.device.type == "cpu" and t.dim() > 0 for t in tensors):
+            self.bad.append(f"{name} on a host tensor")
+        if name.startswith("index") and any(t.dtype == torch.bool for t in tensors):
+            self.bad.append(f"{name} with a boolean mask")
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("with_seq_lens", [False, True], ids=["no-seq_lens", "seq_lens"])
+def test_padded_attention_makes_no_host_round_trip(monkeypatch, with_seq_lens):
+    """On a device (the meta device stands in for a GPU: it has no data to read), attention()
+    builds its layout and packs/unpacks without a host read, a host-to-device copy or boolean
+    indexing; the maxima it passes are the static shapes."""
+    from sparse24.torch_ops import api
+
+    seen = {}
+
+    def fake_dispatch(backend, q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, *, out, **kwargs):
+        seen.update(kwargs, q=q.shape, out=out.shape, block_table=block_table.shape, cu=cu_seqlens_q.shape)
+        return out
+
+    monkeypatch.setattr(api, "_dispatch", fake_dispatch)
+    q = torch.zeros(3, 5, 4, 64, device="meta")
+    k = torch.zeros(3, 7, 2, 64, device="meta")
+    lens = torch.zeros(3, dtype=torch.int32, device="meta") if with_seq_lens else None
+    mode = _HostTraffic()
+    with mode:
+        out = attention(q, k, k, seq_lens=lens, backend="reference")
+    assert mode.bad == []
+    assert out.shape == q.shape and out.device.type == "meta"
+    assert seen["max_seqlen_q"] == 5 and seen["max_seqlen_k"] == 7
+    assert seen["q"] == (15, 4, 64) and seen["out"] == (15, 4, 64) and seen["cu"] == (4,)
+
+
+@pytest.mark.parametrize("seq_lens", [[8, 3], [0, 5], [2, 0], [8, 8]])
+@pytest.mark.parametrize("seqlen_q", [5, 1, 8])
+def test_padded_attention_layout_matches_per_row_calls(seq_lens, seqlen_q):
+    """The gathers pack exactly the real rows (the first min(seqlen_q, seq_lens[b]) of row b) and
+    padding rows come back as zeros."""
+    gen = torch.Generator().manual_seed(7)
+    q = torch.randn(2, seqlen_q, 4, 64, generator=gen)
+    k = torch.randn(2, 8, 2, 64, generator=gen)
+    v = torch.randn(2, 8, 2, 64, generator=gen)
+    cfg = SparsityConfig(dense_recent_tokens=0)
+    lens = torch.tensor(seq_lens, dtype=torch.int32)
+    out = attention(q, k, v, config=cfg, seq_lens=lens, backend="reference")
+    for b in range(2):
+        q_len = min(seqlen_q, seq_lens[b])
+        if q_len:
+            want = unified_attention(q[b, :q_len], k[b:b + 1, :seq_lens[b]], v[b:b + 1, :seq_lens[b]],
+                                     torch.zeros(1, 1, dtype=torch.int32), torch.tensor([0, q_len], dtype=torch.int32),
+                                     lens[b:b + 1], config=cfg, backend="reference")
+            torch.testing.assert_close(out[b, :q_len], want, atol=1e-6, rtol=1e-6)
+        assert (out[b, q_len:] == 0).all()
+
+
+@pytest.mark.parametrize("with_seq_lens", [False, True], ids=["no-seq_lens", "seq_lens"])
+def test_padded_attention_compiles_without_graph_breaks(kernel_backend, with_seq_lens):
+    """No host read on the way to the kernel: attention() traces with fullgraph=True (on the
+    CPU through aot_eager around the interpreted op, on the GPU through Inductor)."""
+    backend, device = kernel_backend
+    gen = torch.Generator().manual_seed(4)
+    q = torch.randint(-1, 2, (2, 5, 4, 64), generator=gen).float().to(device)
+    k = torch.randint(-1, 2, (2, 7, 2, 64), generator=gen).float().to(device)
+    v = torch.randn(2, 7, 2, 64, generator=gen).to(device)
+    lens = torch.tensor([7, 3], dtype=torch.int32, device=device) if with_seq_lens else None
+    cfg = SparsityConfig(dense_recent_tokens=0)
+
+    def step(q, k, v, lens):
+        return attention(q, k, v, config=cfg, seq_lens=lens, backend=backend) * 2
+
+    compiled = torch.compile(step, fullgraph=True, backend="inductor" if device == "cuda" else "aot_eager")
+    torch.testing.assert_close(compiled(q, k, v, lens), step(q, k, v, lens), atol=1e-6, rtol=1e-6)

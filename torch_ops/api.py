@@ -1,46 +1,30 @@
-"""Public PyTorch ops: validate once, allocate, dispatch to a backend.
+"""Public PyTorch ops: check the contract once, allocate, dispatch to a backend.
 
-Inference only (no autograd). Inputs are never modified (``write_kv_cache`` writes the
-caches it is given: that is its job).
+Every entry point checks its arguments once, through the one input contract
+(``sparse24.validation``: :func:`~sparse24.validation.prepare_unified_attention` for
+``unified_attention``, :func:`~sparse24.validation.prepare_padded_attention` for
+``attention``), then dispatches (``_dispatch``) without checking again, whatever the backend.
+Inference only (no autograd). Inputs are never modified (``write_kv_cache`` writes the caches
+it is given: that is its job).
 """
 
 from __future__ import annotations
 
 import torch
 
+from sparse24 import layouts as _layouts
 from sparse24 import reference as _reference
 from sparse24.backends import resolve_backend
 from sparse24.config import SparsityConfig
 from sparse24.validation import (
-    SEQ_LENS_SHAPE,
-    check_array,
-    check_dtype,
-    check_lengths,
-    check_max_seqlens,
-    check_num_kv_splits,
-    check_options,
-    check_padded_attention_args,
-    check_unified_attention_args,
+    AttentionOptions,
+    check_arrays,
     check_write_kv_cache_args,
-    resolve_config,
+    prepare_padded_attention,
+    prepare_unified_attention,
 )
 
 from ._launch import launch_unified_attention, launch_write_kv_cache  # importing registers the ops
-
-
-def _check_tensors(optional: tuple[str, ...] = (), **tensors: torch.Tensor | None) -> torch.device:
-    """All given tensors are torch tensors on one device (that of the first)."""
-    device = first = None
-    for name, t in tensors.items():
-        if t is None and name in optional:
-            continue
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if device is None:
-            device, first = t.device, name
-        elif t.device != device:
-            raise ValueError(f"{name} must be on the device of {first} ({device}), got {t.device}")
-    return device
 
 
 def _eager(*tensors: torch.Tensor) -> bool:
@@ -53,6 +37,72 @@ def _can_sync() -> bool:
     if torch.compiler.is_compiling():
         return False
     return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+
+
+def _host_metadata(cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, block_table: torch.Tensor):
+    """``read_metadata`` of the contract: host copies (a sync on the GPU), or an error where a
+    host read is impossible."""
+    if not _can_sync():
+        raise ValueError(
+            "max_seqlen_q and max_seqlen_k must be given under torch.compile or CUDA graph capture "
+            "(the metadata cannot be read on the host there)"
+        )
+    return cu_seqlens_q.cpu().numpy(), seq_lens.cpu().numpy(), block_table.cpu().numpy()
+
+
+def _dispatch(
+    backend: str,
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    seq_lens: torch.Tensor,
+    *,
+    out: torch.Tensor | None,
+    config: SparsityConfig,
+    options: AttentionOptions,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    num_kv_splits: int | None,
+    return_lse: bool,
+    host_metadata=None,
+):
+    """Run checked inputs on a resolved backend (no validation here). ``q [T, H_q, D]``,
+    caches ``[num_blocks, block_size, H_kv, D]``, ``block_table [B, max_blocks]``,
+    ``cu_seqlens_q [B + 1]`` (``cu_seqlens_q[-1] <= T``: rows past it belong to no sequence;
+    the kernel leaves them unwritten), ``seq_lens [B]``, ``out`` None or ``[T, H_q, D]``.
+    ``host_metadata``: the host copies the contract already read, if any (the reference
+    backend loops over sequences on the host and reuses them). Returns ``out`` or
+    ``(out, lse f32 [T, H_q])``."""
+    if backend == "reference":
+        if host_metadata is not None:
+            cu, kv = host_metadata[0].tolist(), host_metadata[1].tolist()
+        else:
+            cu, kv = cu_seqlens_q.tolist(), seq_lens.tolist()
+        return _reference._chunked(
+            q, k_cache, v_cache, block_table, cu, kv, config=config, options=options,
+            return_lse=return_lse, out=out,
+        )
+    num_tokens, num_q_heads = q.shape[0], q.shape[1]
+    if out is None:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if return_lse:
+        lse = torch.empty((num_tokens, num_q_heads), dtype=torch.float32, device=q.device)
+    else:
+        lse = torch.empty((1, 1), dtype=torch.float32, device=q.device)
+    if num_tokens > 0:
+        args = (
+            q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, out, lse,
+            config.n, config.m, config.dense_sink_tokens, config.dense_recent_tokens, config.sparse_decode,
+            options.causal, options.softmax_scale, options.window, options.softcap,
+            int(max_seqlen_q), int(max_seqlen_k), int(num_kv_splits or 0), return_lse,
+        )
+        if _eager(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, out):
+            launch_unified_attention(*args, direct=True)
+        else:
+            torch.ops.sparse24.unified_attention(*args)
+    return (out, lse) if return_lse else out
 
 
 def unified_attention(
@@ -87,29 +137,38 @@ def unified_attention(
         scores    3 1 4 1 | 5 9 2 6 | 5 3 -inf -inf
         kept      x . x . | . x . x | x x  .    .   (a group cut by causality)
 
+    The arguments are checked once, by the one contract shared with the JAX ops and the
+    references (``sparse24.validation.prepare_unified_attention``, whose docstring lists the
+    rules); all tensors on one device.
+
     Args:
-      q: [num_tokens, num_q_heads, head_dim] fp32 | bf16 | fp16, packed queries.
+      q: [num_tokens, num_q_heads, head_dim] fp32 | bf16 | fp16, packed queries (float64 is
+        for the references only: a TypeError here).
       k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim], q's dtype, any
         strides. A contiguous cache is one page per sequence.
       block_table: i32[num_seqs, max_blocks_per_seq]; key j of sequence b is at page
         ``block_table[b, j // block_size]``, slot ``j % block_size``.
       cu_seqlens_q: i32[num_seqs + 1], starts at 0, ends at num_tokens.
       seq_lens: i32[num_seqs], keys per sequence (>= its q_len).
-      config: the N:M pattern and dense regions; None = ``SparsityConfig()`` (2:4,
-        64 dense recent keys); ``SparsityConfig.dense()`` = plain attention.
+      config: the N:M pattern and dense regions, a ``SparsityConfig``; None =
+        ``SparsityConfig()`` (2:4, 64 dense recent keys); ``SparsityConfig.dense()`` = plain
+        attention. A string is a TypeError (use ``SparsityConfig.parse``).
       causal: mask keys after the query's position.
-      softmax_scale: default ``1 / sqrt(head_dim)``.
-      window: sliding window, keys with ``p - j < window`` are visible (None = off).
+      softmax_scale: default ``1 / sqrt(head_dim)``; else a finite float > 0.
+      window: sliding window, keys with ``p - j < window`` are visible; an int >= 1, or
+        None = off (0 is a ValueError).
       softcap: ``s = softcap * tanh(s / softcap)`` before masking and selection (None = off).
       return_lse: also return the log-sum-exp, f32[num_tokens, num_q_heads] (natural log;
         -inf for rows with nothing kept).
       out: optional output buffer [num_tokens, num_q_heads, head_dim] in q's dtype.
       max_seqlen_q, max_seqlen_k: give both to skip reading the metadata on the host
-        (no sync; needed under CUDA graphs). The caller then vouches that the metadata is
-        valid and the maxima are upper bounds.
+        (no sync; needed under torch.compile and CUDA graphs). The caller then vouches that
+        the metadata is valid and the maxima are upper bounds. Without them the metadata is
+        copied to the host and its values checked (one round trip).
       num_kv_splits: force a split-KV count (power of two <= 64); None = the planner's.
         Results do not depend on it.
-      backend: "auto" | "triton" | "interpret" | "reference" (see sparse24.backends).
+      backend: "auto" | "triton" | "interpret" | "reference" (``sparse24.backends``;
+        "auto": triton on CUDA inputs, interpret in an interpreting process, else reference).
 
     Returns:
       out [num_tokens, num_q_heads, head_dim] in q's dtype, or ``(out, lse)``.
@@ -124,55 +183,18 @@ def unified_attention(
         >>> unified_attention(q, kc, vc, bt, cu, kv, backend="reference").shape
         torch.Size([5, 4, 64])
     """
-    cfg = resolve_config(config)
-    device = _check_tensors(
-        q=q, k_cache=k_cache, v_cache=v_cache, block_table=block_table,
-        cu_seqlens_q=cu_seqlens_q, seq_lens=seq_lens, out=out, optional=("out",),
+    prepared = prepare_unified_attention(
+        q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, framework="torch", config=config,
+        causal=causal, softmax_scale=softmax_scale, window=window, softcap=softcap, return_lse=return_lse,
+        out=out, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, num_kv_splits=num_kv_splits,
+        read_metadata=lambda: _host_metadata(cu_seqlens_q, seq_lens, block_table),
     )
-    dims = check_unified_attention_args(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, out=out)
-    opts = check_options(dims.head_dim, softmax_scale, window, softcap, causal)
-    check_max_seqlens(max_seqlen_q, max_seqlen_k)
-    check_num_kv_splits(num_kv_splits)
-    if not isinstance(return_lse, bool):
-        raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
-    chosen = resolve_backend(backend, on_cuda=device.type == "cuda")
-
-    if max_seqlen_q is None:
-        if not _can_sync():
-            raise ValueError(
-                "max_seqlen_q and max_seqlen_k must be given under torch.compile or CUDA graph capture "
-                "(the metadata cannot be read on the host there)"
-            )
-        max_seqlen_q, max_seqlen_k = check_lengths(
-            cu_seqlens_q.cpu().numpy(), seq_lens.cpu().numpy(), block_table.cpu().numpy(), dims
-        )
-
-    if chosen == "reference":
-        return _reference.unified_attention_chunked(
-            q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens,
-            config=cfg, causal=causal, softmax_scale=opts.softmax_scale,
-            window=opts.window or None, softcap=opts.softcap or None,
-            return_lse=return_lse, out=out,
-        )
-
-    if out is None:
-        out = torch.empty(q.shape, dtype=q.dtype, device=device)
-    if return_lse:
-        lse = torch.empty((dims.num_tokens, dims.num_q_heads), dtype=torch.float32, device=device)
-    else:
-        lse = torch.empty((1, 1), dtype=torch.float32, device=device)
-    if dims.num_tokens > 0:
-        args = (
-            q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, out, lse,
-            cfg.n, cfg.m, cfg.dense_sink_tokens, cfg.dense_recent_tokens, cfg.sparse_decode,
-            bool(causal), opts.softmax_scale, opts.window, opts.softcap,
-            int(max_seqlen_q), int(max_seqlen_k), int(num_kv_splits or 0), return_lse,
-        )
-        if _eager(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, out):
-            launch_unified_attention(*args, direct=True)
-        else:
-            torch.ops.sparse24.unified_attention(*args)
-    return (out, lse) if return_lse else out
+    chosen = resolve_backend(backend, "torch", on_gpu=q.device.type == "cuda")
+    return _dispatch(
+        chosen, q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, out=out, config=prepared.config,
+        options=prepared.options, max_seqlen_q=prepared.max_seqlen_q, max_seqlen_k=prepared.max_seqlen_k,
+        num_kv_splits=prepared.num_kv_splits, return_lse=prepared.return_lse, host_metadata=prepared.metadata,
+    )
 
 
 def attention(
@@ -190,60 +212,48 @@ def attention(
 ) -> torch.Tensor:
     """N:M-sparse attention in the padded layout of flash-attn / ``jax.nn.dot_product_attention``.
 
+    A thin caller of the unified kernel (``sparse24.layouts``): q is packed to
+    ``[batch * seqlen_q, num_q_heads, head_dim]`` and k/v are handed over as a paged cache with
+    one page per batch row (no copy), with the static maxima ``max_seqlen_q = seqlen_q``,
+    ``max_seqlen_k = seqlen_k`` (upper bounds), so the metadata is never read on the host.
+    Without ``seq_lens`` the call makes no host read and no host-to-device copy at all (it
+    works under torch.compile and CUDA graphs); with ``seq_lens`` the real rows are packed and
+    unpacked by index arithmetic on the device (gathers, no boolean-mask indexing).
+
     Args:
-      q: [batch, seqlen_q, num_q_heads, head_dim].
-      k, v: [batch, seqlen_k, num_kv_heads, head_dim]. Reached by the kernel in place
-        (a contiguous K/V is a paged cache with one page per sequence; no copy).
-      seq_lens: optional i32[batch]: row b's first ``seq_lens[b]`` keys are real (right
-        padding); default ``seqlen_k`` for every row. Row b has
+      q: [batch, seqlen_q, num_q_heads, head_dim] fp32 | bf16 | fp16.
+      k, v: [batch, seqlen_k, num_kv_heads, head_dim], q's dtype. Reached by the kernel in
+        place (a K/V is a paged cache with one page per sequence; no copy).
+      seq_lens: optional i32[batch] on q's device: row b's first ``seq_lens[b]`` keys are
+        real (right padding); default ``seqlen_k`` for every row. Row b has
         ``q_len = min(seqlen_q, seq_lens[b])`` real queries (its first rows), bottom-right
         aligned: query i sits at position ``seq_lens[b] - q_len + i``. Other query rows
-        output zeros.
-      causal, config, softmax_scale, window, softcap, backend: as in ``unified_attention``.
+        output zeros. Its values must lie in ``[0, seqlen_k]``: that is checked (a
+        ValueError) when seq_lens is a CPU tensor, where reading it costs no device sync; on
+        the GPU it is not read, and values outside the range are clamped to it.
+      causal, config, softmax_scale, window, softcap, backend: as in ``unified_attention``
+        (the same contract and the same errors).
 
     Returns:
       [batch, seqlen_q, num_q_heads, head_dim] in q's dtype.
     """
-    device = _check_tensors(q=q, k=k, v=v, seq_lens=seq_lens, optional=("seq_lens",))
-    batch, seqlen_q, seqlen_k, _, _, _ = check_padded_attention_args(q, k, v)
-    if seqlen_k < 1:
-        raise ValueError(f"k must have shape [batch, seqlen_k, num_kv_heads, head_dim] with seqlen_k >= 1, got {list(k.shape)}")
-    if seq_lens is None:
-        kv_lens = torch.full((batch,), seqlen_k, dtype=torch.int32, device=device)
-        q_lens_host = [seqlen_q] * batch
-    else:
-        check_array("seq_lens", seq_lens, SEQ_LENS_SHAPE, 1)
-        check_dtype("seq_lens", seq_lens, ("int32",))
-        if seq_lens.shape[0] != batch:
-            raise ValueError(f"seq_lens must have shape {SEQ_LENS_SHAPE} with num_seqs = batch = {batch}, got {list(seq_lens.shape)}")
-        host = seq_lens.cpu()
-        if (host < 0).any() or (host > seqlen_k).any():
-            raise ValueError(f"seq_lens must hold values in [0, seqlen_k = {seqlen_k}]")
-        kv_lens = seq_lens
-        q_lens_host = [min(seqlen_q, int(x)) for x in host.tolist()]
-
-    # K/V as a paged cache: page b = row b of k (block_size = seqlen_k), no copy.
-    block_table = torch.arange(batch, dtype=torch.int32, device=device).view(batch, 1)
-    q_lens = torch.tensor(q_lens_host, dtype=torch.int32)
-    cu_seqlens_q = torch.zeros(batch + 1, dtype=torch.int32)
-    cu_seqlens_q[1:] = torch.cumsum(q_lens, 0)
-    cu_seqlens_q = cu_seqlens_q.to(device)
-    full_rows = all(x == seqlen_q for x in q_lens_host)
-    if full_rows:
-        q_packed = q.reshape(batch * seqlen_q, q.shape[2], q.shape[3])
-    else:
-        row_mask = torch.arange(seqlen_q, device=device)[None, :] < q_lens.to(device)[:, None]  # [batch, seqlen_q]
-        q_packed = q[row_mask]
-    out_packed = unified_attention(
-        q_packed, k, v, block_table, cu_seqlens_q, kv_lens,
-        config=config, causal=causal, softmax_scale=softmax_scale, window=window, softcap=softcap,
-        backend=backend,
+    prepared = prepare_padded_attention(
+        q, k, v, seq_lens, framework="torch", config=config, causal=causal, softmax_scale=softmax_scale,
+        window=window, softcap=softcap,
+        read_seq_lens=lambda: seq_lens.numpy() if seq_lens.device.type == "cpu" and _can_sync() else None,
     )
-    if full_rows:
-        return out_packed.view(q.shape)
-    out = torch.zeros(q.shape, dtype=q.dtype, device=device)
-    out[row_mask] = out_packed
-    return out
+    chosen = resolve_backend(backend, "torch", on_gpu=q.device.type == "cuda")
+    layout = _layouts.padded_layout_torch(
+        prepared.batch, prepared.seqlen_q, prepared.seqlen_k, seq_lens, device=q.device
+    )
+    buffer = _layouts.packed_out_buffer_torch(layout, q)
+    total = prepared.batch * prepared.seqlen_q
+    _dispatch(
+        chosen, _layouts.pack_padded_torch(q, layout), k, v, layout.block_table, layout.cu_seqlens_q,
+        layout.seq_lens, out=buffer[:total], config=prepared.config, options=prepared.options,
+        max_seqlen_q=prepared.seqlen_q, max_seqlen_k=prepared.seqlen_k, num_kv_splits=None, return_lse=False,
+    )
+    return _layouts.unpack_padded_torch(buffer, layout, q.shape)
 
 
 def write_kv_cache(
@@ -263,9 +273,9 @@ def write_kv_cache(
       slot_mapping: i32 or i64 [num_tokens]; token t goes to page ``slot // block_size``,
         slot ``slot % block_size``; a negative slot skips the token (padding).
     """
-    device = _check_tensors(k=k, v=v, k_cache=k_cache, v_cache=v_cache, slot_mapping=slot_mapping)
+    device = check_arrays("torch", k=k, v=v, k_cache=k_cache, v_cache=v_cache, slot_mapping=slot_mapping)
     check_write_kv_cache_args(k, v, k_cache, v_cache, slot_mapping)
-    chosen = resolve_backend(backend, on_cuda=device.type == "cuda")
+    chosen = resolve_backend(backend, "torch", on_gpu=device.type == "cuda")
     num_slots = k_cache.shape[0] * k_cache.shape[1]
     if _can_sync():
         host = slot_mapping.cpu()

@@ -11,8 +11,10 @@
   combination, and NNX decode-mode masks over the whole cache are read as per-row lengths
   and a causal flag. A mask that is none of these cannot be expressed: eagerly it raises;
   under ``jax.jit`` (where the mask's values are unknown) the output is NaN so it cannot
-  pass unnoticed. Under jit, pass ``is_causal=True`` with a causal mask (NNX forwards it);
-  otherwise both readings are computed and the one the mask matches is kept.
+  pass unnoticed. Under jit the kernel runs once: with ``is_causal=True`` causally; without
+  it ``lax.switch`` picks on the device the reading every row's mask is (causal or plain),
+  and only a batch mixing causal and plain rows runs both (the kernel's causal flag is one
+  per launch).
 * ``PagedAttention`` -- an ``nnx.Module`` holding a paged KV cache, running prefill,
   decode and mixed batches through ``sparse24.jax_ops.unified_attention``; with
   ``PageAllocator``, a small host-side page manager.
@@ -25,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from sparse24 import layouts as _layouts
 from sparse24.config import SparsityConfig
 from sparse24.jax_ops import attention as _padded_attention
 from sparse24.jax_ops import unified_attention, write_kv_cache
@@ -33,23 +36,21 @@ from sparse24.validation import resolve_config
 __all__ = ["attention_fn", "PagedAttention", "PageAllocator"]
 
 
-def _mask_layout(mask, batch: int, q_len: int, kv_len: int):
-    """Read a [batch, 1|H, q_len, kv_len] boolean mask as per-row key lengths.
-
-    Returns (seq_lens i32[batch], ok_plain bool[batch], ok_causal bool[batch]): whether each
-    row's mask is exactly "the first seq_len keys, the first min(q_len, seq_len) query rows"
-    (a padding mask), and the same with bottom-right-aligned causality.
-    """
-    m = jnp.asarray(mask).astype(bool)
-    key_valid = m.any(axis=(1, 2))  # [batch, kv_len]
-    seq_lens = key_valid.sum(axis=-1).astype(jnp.int32)
-    q_lens = jnp.minimum(q_len, seq_lens)
-    i = jnp.arange(q_len)[None, :, None]
-    j = jnp.arange(kv_len)[None, None, :]
-    plain = (j < seq_lens[:, None, None]) & (i < q_lens[:, None, None])
-    causal = plain & (j <= seq_lens[:, None, None] - q_lens[:, None, None] + i)
-    same = lambda e: jnp.all(m == e[:, None], axis=(1, 2, 3))  # noqa: E731
-    return seq_lens, same(plain), same(causal)
+def _check_extra_keywords(kwargs: dict) -> None:
+    """Keywords newer Flax versions pass beyond the named ones: accepted when they are None
+    (the feature is off); ``input_positions`` (the positions a RoPE-applying attention_fn,
+    e.g. ``nnx.dot_product_attention_with_rope``, rotates query/key by) and anything else
+    with a value raise, since dropping them would silently change the result."""
+    if kwargs.get("input_positions") is not None:
+        raise ValueError(
+            "sparse24 attention_fn applies no rotary embedding: input_positions must be None (got an array of shape "
+            f"{list(jnp.shape(kwargs['input_positions']))}); rotate query/key before attention instead"
+        )
+    unknown = sorted(k for k, v in kwargs.items() if v is not None and k != "input_positions")
+    if unknown:
+        raise TypeError(
+            f"sparse24 attention_fn got unexpected keyword arguments {unknown} (only None is accepted for them)"
+        )
 
 
 def attention_fn(config: SparsityConfig | None = None, *, backend: str = "auto"):
@@ -64,8 +65,14 @@ def attention_fn(config: SparsityConfig | None = None, *, backend: str = "auto")
     the keywords nnx/linen pass (``bias``, ``mask``, ``broadcast_dropout``,
     ``dropout_rng``, ``dropout_rate``, ``deterministic``, ``dtype``, ``precision``,
     ``module``, ``promote_dtype``, ``is_causal``), as named parameters so Linen's
-    signature filtering passes the mask. Inference only: dropout in training mode, a bias,
-    or weight sowing (``module``) raise.
+    signature filtering passes the mask, and ``**kwargs`` for keywords newer Flax passes:
+    those must be None (``input_positions``, for an attention_fn that applies RoPE, raises a
+    ValueError when given: this one applies no rotary embedding; any other keyword with a
+    value is a TypeError). Inference only: dropout in training mode, a bias, or weight
+    sowing (``module``) raise.
+
+    ``mask``: None or boolean ``[batch..., 1 | heads, q_len, kv_len]`` (broadcastable over
+    the batch dims); the output is ``[batch..., q_len, heads, head_dim]`` (``dtype`` if given).
     """
     cfg = resolve_config(config)
 
@@ -84,7 +91,9 @@ def attention_fn(config: SparsityConfig | None = None, *, backend: str = "auto")
         module=None,
         promote_dtype=None,
         is_causal: bool = False,
+        **kwargs,
     ):
+        _check_extra_keywords(kwargs)
         if bias is not None:
             raise ValueError("sparse24 attention_fn cannot add an attention bias (bias must be None)")
         if dropout_rate > 0.0 and not deterministic:
@@ -102,28 +111,41 @@ def attention_fn(config: SparsityConfig | None = None, *, backend: str = "auto")
         q = query.reshape((flat,) + query.shape[-3:])
         k = key.reshape((flat,) + key.shape[-3:])
         v = value.reshape((flat,) + value.shape[-3:])
-        causal = bool(is_causal)
         run = lambda causal, seq_lens: _padded_attention(  # noqa: E731
             q, k, v, causal=causal, config=cfg, seq_lens=seq_lens, backend=backend)
         if mask is None:
-            out = run(causal, None)
+            out = run(bool(is_causal), None)
         else:
             mask = jnp.asarray(mask)
-            if mask.shape[-2:] != (q_len, kv_len):
-                raise ValueError(f"mask must end with [q_len, kv_len] = {[q_len, kv_len]}, got shape {list(mask.shape)}")
+            if mask.ndim < 2 or mask.shape[-2:] != (q_len, kv_len):
+                raise ValueError(
+                    f"mask must have shape [batch..., 1 | heads, q_len, kv_len] ending with [{q_len}, {kv_len}], "
+                    f"got {list(mask.shape)}"
+                )
+            if mask.ndim == 2:
+                mask = mask[None]
             mask = jnp.broadcast_to(mask, batch_dims + mask.shape[-3:]).reshape((flat,) + mask.shape[-3:])
-            seq_lens, ok_plain, ok_causal = _mask_layout(mask, flat, q_len, kv_len)
+            seq_lens, ok_plain, ok_causal = _layouts.attention_mask_layout_jnp(mask, q_len, kv_len)
             traced = isinstance(mask, jax.core.Tracer)
-            if causal or q_len == 1:  # one query row: the causal and plain readings coincide
+            if is_causal or q_len == 1:  # one query row: the causal and plain readings coincide
                 ok = ok_causal
                 out = run(True, seq_lens)
-            elif not traced:  # a causal mask passed without is_causal is still causal
-                causal = bool(jnp.all(ok_causal))
-                ok = ok_causal if causal else ok_plain
-                out = run(causal, seq_lens)
-            else:  # values unknown under jit: compute both readings, keep the one the mask is
+            else:
+                # Which reading the mask is, per row; the kernel's causal flag is per launch. All rows
+                # causal (a causal mask passed without is_causal) or all plain: one launch; a batch
+                # mixing both: both launches, each row keeps its own (a per-row causal flag would need
+                # the kernel to take one per sequence).
                 ok = ok_causal | ok_plain
-                out = jnp.where(ok_causal[:, None, None, None], run(True, seq_lens), run(False, seq_lens))
+                branches = (
+                    lambda: run(True, seq_lens),
+                    lambda: run(False, seq_lens),
+                    lambda: jnp.where(ok_causal[:, None, None, None], run(True, seq_lens), run(False, seq_lens)),
+                )
+                reading = jnp.where(jnp.all(ok_causal), 0, jnp.where(jnp.all(ok_plain), 1, 2))
+                if traced:  # values unknown under jit: lax.switch runs only the branch the mask picks
+                    out = jax.lax.switch(reading, branches)
+                else:
+                    out = branches[int(reading)]()
             if not traced and not bool(jnp.all(ok)):
                 raise ValueError(
                     "sparse24 attention_fn understands causal masks, padding masks (valid keys a prefix of each row) "
