@@ -1,0 +1,69 @@
+"""Profile HF decode steps (torch.profiler): where the time of a sparse24 decode step goes.
+
+A random-weight Llama-3.2-1B-shaped model (bf16, 16 layers), B=8, prompt 4096, dynamic cache;
+after the prefill, ``--steps`` decode steps under the profiler for each attention
+implementation. Prints the top CUDA kernels and host ops. GPU only.
+
+    python benchmarks/profile_hf_decode.py --impl sdpa,sparse24 --steps 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--impl", default="sdpa,sparse24")
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--prompt", type=int, default=4096)
+    p.add_argument("--batch", type=int, default=8)
+    args = p.parse_args()
+    import sparse24.hf
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                      num_key_value_heads=8, head_dim=64, vocab_size=128256, rope_theta=500000.0,
+                      tie_word_embeddings=True, max_position_embeddings=8192)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).to("cuda", torch.bfloat16).eval()
+    ids = torch.randint(0, cfg.vocab_size, (args.batch, args.prompt), device="cuda")
+    for impl in args.impl.split(","):
+        model.set_attn_implementation(impl)
+        if impl == "sparse24":
+            sparse24.hf.dense(model)
+        with torch.no_grad():
+            out = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True)
+            cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            mask = torch.ones(args.batch, args.prompt, dtype=torch.long, device="cuda")
+
+            def step():
+                nonlocal mask, nxt
+                mask = torch.cat([mask, mask[:, :1]], 1)
+                o = model(input_ids=nxt, attention_mask=mask, past_key_values=cache, use_cache=True)
+                nxt = o.logits[:, -1:].argmax(-1)
+
+            for _ in range(3):
+                step()
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            for _ in range(args.steps):
+                step()
+            torch.cuda.synchronize()
+            wall = (time.perf_counter() - t) / args.steps * 1e3
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                    torch.profiler.ProfilerActivity.CUDA]) as prof:
+                for _ in range(args.steps):
+                    step()
+                torch.cuda.synchronize()
+        print(f"===== {impl}: {wall:.2f} ms/step wall (no profiler)")
+        ka = prof.key_averages()
+        print(ka.table(sort_by="self_cuda_time_total", row_limit=12, max_name_column_width=60))
+        print(ka.table(sort_by="self_cpu_time_total", row_limit=14, max_name_column_width=60))
+
+
+if __name__ == "__main__":
+    main()
