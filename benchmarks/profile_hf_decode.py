@@ -21,6 +21,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--prompt", type=int, default=4096)
     p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--cprofile", action="store_true", help="also print the Python functions with the most own time")
     args = p.parse_args()
     import sparse24.hf
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -60,6 +61,18 @@ def main() -> None:
                     step()
                 torch.cuda.synchronize()
         print(f"===== {impl}: {wall:.2f} ms/step wall (no profiler)")
+        if args.cprofile:
+            import cProfile
+            import pstats
+
+            py = cProfile.Profile()
+            with torch.no_grad():
+                py.enable()
+                for _ in range(args.steps):
+                    step()
+                torch.cuda.synchronize()
+                py.disable()
+            pstats.Stats(py).sort_stats("tottime").print_stats(25)
         ka = prof.key_averages()
         print(ka.table(sort_by="self_cuda_time_total", row_limit=12, max_name_column_width=60))
         print(ka.table(sort_by="self_cpu_time_total", row_limit=14, max_name_column_width=60))
