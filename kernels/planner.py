@@ -1,7 +1,9 @@
 """The one launch planner: block sizes, warps, stages, split-KV count and grids.
 
-Pure Python (no triton, torch or jax), so the torch and JAX launchers share every
-launch decision and cannot drift apart. Decisions depend only on shapes, dtypes, the
+Pure Python: this module imports no triton, torch or jax itself (its package,
+``sparse24.kernels``, imports triton for the kernels). The one launch description
+(``sparse24.kernels.launch``) turns its plans into the launches both the torch and the JAX
+launchers run, so they share every launch decision and cannot drift apart. Decisions depend only on shapes, dtypes, the
 sparsity pattern and the device's SM count, never on data, so a plan is deterministic;
 and the kernel's results do not depend on the plan (tiles are multiples of M, the
 selection is per group), which the tests check by forcing different plans.

@@ -1,6 +1,6 @@
 """Unified N:M-sparse attention over a paged KV cache (prefill, decode and mixed batches).
 
-What it computes (DESIGN.md §2, the spec; ``sparse24.reference`` is its float64 oracle):
+What it computes (docs/SPEC.md §2, the spec; ``sparse24.reference`` is its float64 oracle):
 for sequence ``b`` with ``q_len`` new tokens and ``kv_len`` keys, query ``i`` sits at
 absolute position ``p = kv_len - q_len + i``. Scores ``s = scale * <q, k>`` (then
 ``softcap * tanh(s / softcap)``); invisible keys (``j >= kv_len``, causal ``j > p``,

@@ -21,7 +21,7 @@ The contract (one rule per point where the entry points used to disagree):
   one kind of object).
 - ``cu_seqlens_q`` ends at ``num_tokens`` exactly (``cu_seqlens_q[-1] == q.shape[0]``), as in
   vLLM; a query row outside every sequence is an error, not a silent zero row.
-- ``seq_lens[b] >= q_len[b]``: the new tokens' keys are in the cache (DESIGN.md §2).
+- ``seq_lens[b] >= q_len[b]``: the new tokens' keys are in the cache (docs/SPEC.md §2).
 - dtypes: q, the caches and ``out`` share one dtype in ``FLOAT_DTYPES`` (float32, float16,
   bfloat16); the metadata is int32. float64 is accepted by the references only (they are the
   float64 oracles: ``allow_float64=True``); the ops raise a TypeError that names float64 and

@@ -32,6 +32,12 @@ def kernel_backend():
     pytest.skip("no CUDA GPU and TRITON_INTERPRET is not 1: the Triton kernel cannot run in this process")
 
 
+@pytest.fixture(scope="session")
+def jax_backend(kernel_backend):
+    """The backend that runs the Triton kernel for JAX in this process."""
+    return "interpret" if kernel_backend[0] == "interpret" else "triton"
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests marked ``gpu`` skip, with the reason, unless compiled kernels and a GPU exist."""
     if not kernels_interpreted() and torch.cuda.is_available():

@@ -33,12 +33,6 @@ from sparse24.testing import (  # noqa: E402
 BASE = EDGE_CASE_BASE  # the shared edge grid runs, decisions exact, in tests/test_jax_kernel.py
 
 
-@pytest.fixture(scope="module")
-def jax_backend(kernel_backend):
-    """The backend that runs the Triton kernel for JAX in this process."""
-    return "interpret" if kernel_backend[0] == "interpret" else "triton"
-
-
 def run_case(backend, *, q_lens, kv_lens, num_q_heads=4, num_kv_heads=2, head_dim=64, block_size=16,
              config="2:4,recent=0", causal=True, window=None, softcap=None, num_kv_splits=None,
              dtype=torch.float32):
