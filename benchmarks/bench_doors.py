@@ -1,4 +1,4 @@
-"""The public doors beside the bare kernel, in one process on one card (issue 14, DESIGN.md §5).
+"""The public doors beside the bare kernel, in one process on one card (issue 14, docs/SPEC.md §5).
 
 Sections (``--only`` picks some; each is wrapped: a failure is recorded in the JSON as an error
 string and the run goes on; each has a time budget, checked between its items, so the whole run
@@ -11,7 +11,7 @@ still leaves what it measured):
            (``SparsityConfig(n=2, m=4, dense_recent_tokens=0)``), through
              kernel        ``torch_ops.unified_attention`` with ``max_seqlen_q/k`` given (the contiguous
                            K/V as one page per sequence: no host read of the metadata; this is the
-                           "bare kernel" line of DESIGN §5),
+                           "bare kernel" line of docs/SPEC.md §5),
              unified-nomax ``unified_attention`` without the maxima (validates the metadata on the host),
              attention     ``torch_ops.attention(q, k, v, config=...)`` on [B, S, H, D],
              sdpa-flash / sdpa-cudnn  torch SDPA on the same data ([B, H, S, D] copies made outside
@@ -199,7 +199,7 @@ METHOD = {
     "torch_timing": "triton.testing.do_bench median (warm-up excluded), after one untimed call that compiles",
     "jax_timing": "jax.jit, N back-to-back calls between two block_until_ready, median of 7 repeats, warm-up first",
     "kernel": "torch_ops.unified_attention with max_seqlen_q/max_seqlen_k given: no host read of the metadata; "
-              "the bare-kernel line of DESIGN §5",
+              "the bare-kernel line of docs/SPEC.md §5",
     "hf_decode_ms_per_step": "CUDA events recorded (no sync) by a logits processor at every generated token; "
                              "median/mean of the gaps = device-timeline time per decode step, host stalls included; "
                              "cross-check (wall(new) - wall(1)) / (new - 1)",

@@ -1,6 +1,6 @@
 """JAX (jax-triton) vs PyTorch launch of the same kernel, same plan, same card, one run.
 
-For each shape (DESIGN.md §5: prefill B=1 S 4k/16k H 32/8 D 128 causal bf16; decode B=32
+For each shape (docs/SPEC.md §5: prefill B=1 S 4k/16k H 32/8 D 128 causal bf16; decode B=32
 4k context page 16) and config (dense, 2:4) it checks that the outputs are bit-identical,
 then times both the same way: N back-to-back calls of a jitted JAX function / the torch op
 with fixed inputs, wall clock between two device syncs, median of 7 repeats. Writes

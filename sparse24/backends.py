@@ -7,7 +7,7 @@ interpreting process and ``backend="triton"`` only in the other kind; asking for
 process cannot do is an error that says how to get it.
 
 :func:`resolve_backend` is the only place that gives ``"auto"`` its meaning, for the torch ops,
-the JAX ops, ``sparse24.eval`` and the HF backend alike (DESIGN.md §4): the compiled kernel on
+the JAX ops, ``sparse24.eval`` and the HF backend alike (docs/SPEC.md §4): the compiled kernel on
 a GPU, the interpreter in an interpreting process, otherwise the array-code reference.
 :func:`use_interpreter_if_no_gpu` is the one way scripts and test setups choose the
 interpreter when there is no GPU.

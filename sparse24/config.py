@@ -1,4 +1,4 @@
-"""``SparsityConfig``: which keys N:M sparse attention keeps (DESIGN.md §2).
+"""``SparsityConfig``: which keys N:M sparse attention keeps (docs/SPEC.md §2).
 
 For every query row and head, keys are grouped by absolute key index into groups of ``m``
 consecutive keys, ``[m*g, m*g + m)``; in each group only the ``n`` largest pre-softmax scores
@@ -42,7 +42,7 @@ _OPTION_FIELDS = {
 
 @dataclasses.dataclass(frozen=True)
 class SparsityConfig:
-    """Which keys N:M sparse attention keeps (DESIGN.md §2). Immutable and hashable.
+    """Which keys N:M sparse attention keeps (docs/SPEC.md §2). Immutable and hashable.
 
     Attributes:
         n: keys kept per group of ``m`` (the ``n`` largest scores of the group; equal

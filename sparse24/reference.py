@@ -1,4 +1,4 @@
-"""The N:M attention spec (DESIGN.md §2) in plain torch code.
+"""The N:M attention spec (docs/SPEC.md §2) in plain torch code.
 
 For sequence ``b`` with ``q_len`` new queries and ``kv_len`` keys, query ``i`` sits at absolute
 position ``p = kv_len - q_len + i``. Per query row and head:
@@ -12,7 +12,14 @@ position ``p = kv_len - q_len + i``. Per query row and head:
    with ``sparse_decode=False`` every row of a ``q_len == 1`` sequence is dense;
 5. kept = visible AND (dense OR selected); ``o = softmax(s[kept]) @ v[kept]``; a row with no
    kept key (or only -inf scores) gives zeros and LSE -inf;
-6. GQA: query head ``h`` reads KV head ``h // (H_q // H_kv)``.
+6. GQA: query head ``h`` reads KV head ``h // (H_q // H_kv)``;
+7. NaN (docs/SPEC.md §2, "NaN"): a NaN score of a *visible* key (a NaN in the query row, or in
+   a visible key's ``k``) makes the row's whole output and its LSE NaN, whatever the N:M
+   selection; in the selection a NaN ranks as +inf. Invisible keys (``j >= kv_len``, causal
+   ``j > p``, outside the window) never poison a row. A NaN in ``v`` reaches the output
+   through the softmax weights: a kept key's NaN ``v`` makes the output features it feeds NaN
+   (a NaN ``v`` of a key the row does not keep may too: ``0 * NaN``; keys at or past
+   ``kv_len`` are never read).
 
 Three entry points share two helpers (:func:`_region_masks` for steps 2 and 4 and
 :func:`_nm_select` for step 3):
@@ -120,11 +127,13 @@ def _nm_select(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     largest of each group of ``m`` (a group cut by ``L`` is padded with -inf).
 
     Key ``j`` is kept iff ``rank_j = #{j' in group: s_j' > s_j or (s_j' == s_j and j' < j)}
-    < n``: larger score first, equal scores to the lower index, exactly ``n`` per group.
+    < n``: larger score first, equal scores to the lower index, exactly ``n`` per group. A NaN
+    ranks as +inf (step 7: a visible NaN score is kept, so its row comes out NaN).
     """
     length = scores.shape[-1]
     if n >= m:
         return torch.ones(scores.shape, dtype=torch.bool, device=scores.device)
+    scores = torch.where(torch.isnan(scores), math.inf, scores)
     pad = -length % m
     if pad:
         scores = torch.nn.functional.pad(scores, (0, pad), value=-math.inf)
@@ -158,7 +167,7 @@ def _kept(scores, q_pos, k_idx, kv_len, *, config, causal, window, decode_row):
 
 def _reference_sequences(q, k_cache, block_table, cu, kv, *, config, causal, scale, window, softcap):
     """Yield ``(b, row_start, kept [H_q, q_len, kv_len], scores [H_q, q_len, kv_len])`` in
-    float64 on the CPU for every sequence with ``q_len > 0``."""
+    float64 on the CPU for every sequence with ``q_len > 0``; invisible scores are -inf."""
     cpu64 = dict(device="cpu", dtype=torch.float64)
     for b in range(len(kv)):
         q_len, kv_len = cu[b + 1] - cu[b], kv[b]
@@ -169,9 +178,9 @@ def _reference_sequences(q, k_cache, block_table, cu, kv, *, config, causal, sca
         scores = _scores(q_rows, keys, scale, softcap)
         q_pos = torch.arange(kv_len - q_len, kv_len, dtype=torch.long)
         k_idx = torch.arange(kv_len, dtype=torch.long)
-        kept, _ = _kept(scores, q_pos, k_idx, kv_len, config=config, causal=causal,
-                        window=window, decode_row=q_len == 1)
-        yield b, cu[b], kept, scores
+        kept, masked = _kept(scores, q_pos, k_idx, kv_len, config=config, causal=causal,
+                             window=window, decode_row=q_len == 1)
+        yield b, cu[b], kept, masked
 
 
 def unified_attention_reference(
@@ -216,7 +225,8 @@ def unified_attention_reference(
     Returns:
         ``out`` float64 ``[T, H_q, D]`` on the CPU, and with ``return_lse`` also ``lse``
         float64 ``[T, H_q]`` (natural log, -inf where nothing is kept). Rows with nothing
-        kept are zeros.
+        kept are zeros. A row with a NaN score of a visible key (a NaN in its query or in a
+        visible key) is NaN, out and LSE (module docstring, step 7).
     """
     prepared, cu, kv = _prepare(
         q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, config=config, causal=causal,
@@ -238,9 +248,13 @@ def unified_attention_reference(
         total = p.sum(dim=-1)  # [H_q, q_len]
         o = _weighted_values(p, values) / total.clamp_min(torch.finfo(torch.float64).tiny)[..., None]
         o = torch.where((total > 0)[..., None], o, torch.zeros_like(o))
+        row_lse = row_max[..., 0] + torch.log(total)
+        poisoned = torch.isnan(scores).any(dim=-1)  # step 7: a visible NaN score  [H_q, q_len]
+        o = o.masked_fill(poisoned[..., None], math.nan)
+        row_lse = row_lse.masked_fill(poisoned, math.nan)
         rows = slice(row0, row0 + s.shape[1])
         out[rows] = o.transpose(0, 1)
-        lse[rows] = (row_max[..., 0] + torch.log(total)).transpose(0, 1)
+        lse[rows] = row_lse.transpose(0, 1)
     return (out, lse) if prepared.return_lse else out
 
 
@@ -263,7 +277,8 @@ def keep_mask_reference(
 
     Returns:
         A list of ``B`` CPU bool tensors, entry ``b`` of shape ``[H_q, q_len_b, kv_len_b]``:
-        ``True`` where query ``i`` (head ``h``) keeps key ``j``.
+        ``True`` where query ``i`` (head ``h``) keeps key ``j``. A NaN score ranks as +inf in
+        the selection, so a visible key with a NaN score is kept (its row's output is NaN).
     """
     prepared, cu, kv = _prepare(
         q, k_cache, None, block_table, cu_seqlens_q, seq_lens, config=config, causal=causal,
@@ -323,7 +338,8 @@ def unified_attention_chunked(
 
     Returns:
         ``out`` ``[T, H_q, D]`` in ``q.dtype`` on ``q.device`` (rows with nothing kept are
-        zeros), and with ``return_lse`` also ``lse`` ``[T, H_q]`` in ``compute_dtype``
+        zeros; rows with a NaN score of a visible key are NaN, out and LSE: module docstring,
+        step 7), and with ``return_lse`` also ``lse`` ``[T, H_q]`` in ``compute_dtype``
         (float32 by default; natural log, -inf where nothing is kept).
     """
     prepared, cu, kv = _prepare(
@@ -378,13 +394,15 @@ def _chunked(q, k_cache, v_cache, block_table, cu, kv, *, config: SparsityConfig
             row_max = torch.full((num_q_heads, r1 - r0), -math.inf, dtype=compute_dtype, device=device)
             total = torch.zeros_like(row_max)
             acc = torch.zeros(num_q_heads, r1 - r0, head_dim_v, dtype=compute_dtype, device=device)
+            poisoned = torch.zeros(num_q_heads, r1 - r0, dtype=torch.bool, device=device)  # step 7
             for c0 in range(k_start, k_end, chunk_size):
                 c1 = min(k_end, c0 + chunk_size)
                 keys = _gather(k_cache, block_table[b], c0, c1).to(compute_dtype)
                 scores = _scores(q_rows, keys, scale, softcap)
                 k_idx = torch.arange(c0, c1, device=device)
-                kept, _ = _kept(scores, q_pos, k_idx, kv_len, config=config, causal=causal,
-                                window=window, decode_row=q_len == 1)
+                kept, masked = _kept(scores, q_pos, k_idx, kv_len, config=config, causal=causal,
+                                     window=window, decode_row=q_len == 1)
+                poisoned |= torch.isnan(masked).any(dim=-1)
                 s = scores.masked_fill(~kept, -math.inf)
                 new_max = torch.maximum(row_max, s.amax(dim=-1))
                 safe_max = torch.where(torch.isfinite(new_max), new_max, torch.zeros_like(new_max))
@@ -397,7 +415,8 @@ def _chunked(q, k_cache, v_cache, block_table, cu, kv, *, config: SparsityConfig
             safe_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
             o = acc / total.clamp_min(torch.finfo(compute_dtype).tiny)[..., None]
             o = torch.where((total > 0)[..., None], o, torch.zeros_like(o))
+            o = o.masked_fill(poisoned[..., None], math.nan)
             rows = slice(cu[b] + r0, cu[b] + r1)
             out[rows] = o.transpose(0, 1).to(out.dtype)
-            lse[rows] = (safe_max + torch.log(total)).transpose(0, 1)
+            lse[rows] = (safe_max + torch.log(total)).masked_fill(poisoned, math.nan).transpose(0, 1)
     return (out, lse) if return_lse else out

@@ -1,5 +1,5 @@
 """The torch reference against the 40 golden cases of tests/data/golden (computed by an
-independent float64 implementation of DESIGN.md §2)."""
+independent float64 implementation of docs/SPEC.md §2)."""
 
 import json
 from pathlib import Path

@@ -1,7 +1,9 @@
 """Every notebook in notebooks/ runs top to bottom (small parameters, CPU)."""
 
+import json
 import os
 import pathlib
+import re
 
 import pytest
 
@@ -19,3 +21,30 @@ def test_notebook_runs(path, monkeypatch):
                                      resources={"metadata": {"path": str(path.parent)}})
     client.execute()  # raises CellExecutionError on any failing cell
     assert os.path.getsize(path) < 2 * 1024 * 1024, f"{path.name} is over 2 MB"
+
+
+# Machine-specific paths and warnings must not reach the committed outputs.
+_MACHINE = re.compile(r"/(home|work|Users|tmp|root|opt)/|site-packages|\.venv|[A-Z]:\\\\")
+_WARNING = re.compile(r"\b\w*Warning\b|\bwarn(ing)?:", re.I)
+
+
+def _output_texts(cell):
+    for out in cell.get("outputs", []):
+        if out.get("output_type") == "stream":
+            yield out.get("name", ""), "".join(out.get("text", ""))
+        elif out.get("output_type") == "error":
+            yield "error", "\n".join(out.get("traceback", []))
+        else:
+            for mime, data in out.get("data", {}).items():
+                if mime.startswith("text/"):
+                    yield mime, "".join(data)
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
+def test_committed_outputs_carry_no_machine_paths_or_warnings(path):
+    nb = json.loads(path.read_text(encoding="utf-8"))
+    for index, cell in enumerate(nb["cells"]):
+        for kind, text in _output_texts(cell):
+            assert kind not in ("stderr", "error"), f"{path.name} cell {index}: committed {kind} output {text[:200]!r}"
+            assert not _MACHINE.search(text), f"{path.name} cell {index}: machine path in {text[:200]!r}"
+            assert not _WARNING.search(text), f"{path.name} cell {index}: warning in {text[:200]!r}"

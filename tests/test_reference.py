@@ -1,5 +1,5 @@
 """The torch reference (float64 oracle, keep masks, chunked path) against a brute force
-written here straight from DESIGN.md §2 (plain loops, sorting for the N:M choice)."""
+written here straight from docs/SPEC.md §2 (plain loops, sorting for the N:M choice)."""
 
 import math
 import zlib

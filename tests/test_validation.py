@@ -649,7 +649,7 @@ def test_constants_agree_with_the_planner():
 
 @pytest.mark.parametrize("framework", ["torch", "jax"])
 def test_auto_means_the_same_for_every_framework(framework):
-    """DESIGN §4: triton on a GPU, interpret in an interpreting process, else reference."""
+    """docs/SPEC.md §4: triton on a GPU, interpret in an interpreting process, else reference."""
     from sparse24.backends import resolve_backend
 
     if kernels_interpreted():
