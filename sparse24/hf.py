@@ -22,7 +22,14 @@ padding and a StaticCache's unwritten tail. Prefill, decode, chunked prefill (qu
 the last ``q_len`` written slots), left/right padding, GQA, sliding-window layers
 (``sliding_window``, dropped keys counted back exactly) and softcap (``softcap``) are
 handled; what cannot be expressed (``output_attentions``, an arbitrary 4D mask, dropout in
-training) raises.
+training) raises. ``sparsify`` / ``dense`` refuse a model whose layers do not really call
+sparse24 (another ``attn_implementation``, or a module that picks sdpa/eager itself), attention
+modules without ``is_causal``, chunked attention (``attention_chunk_size``) and learned sinks
+(``module.sinks``); a window carried only by the mask function (``config.sliding_window`` /
+``layer_types``) is honoured, and any other pattern in the mask function (chunks, packed
+sequences, or-ed / bidirectional blocks, unknown functions) raises at the first forward. When
+V's layout differs from K's (MLA families with batch >= 2) V is copied into K's page structure,
+once per layer and forward: a cost, not a silent change.
 
 The hot path reads nothing on the host: the layout (``sparse24.layouts``) is built on the
 device once per forward pass and shared by all layers, with static upper bounds for the
@@ -66,6 +73,64 @@ def _paged_view(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     return view, pages_per_row
 
 
+def _in_layout_of(value: torch.Tensor, pages_per_row: int) -> torch.Tensor:
+    """``value`` [B, H, L, D] copied into a buffer whose rows are ``pages_per_row`` slots apart
+    (the key's page structure), so one block table serves both. A copy of V per layer and
+    forward: the cost of caches whose V is a strided view of another layout (MLA families,
+    DeepSeek-V2/V3 and MiniCPM3, with batch >= 2)."""
+    batch, heads, kv_len, head_dim = value.shape
+    buf = value.new_empty(batch, max(pages_per_row, kv_len), heads, head_dim)
+    buf[:, :kv_len] = value.transpose(1, 2)
+    return buf.transpose(1, 2)[:, :, :kv_len]
+
+
+def _mask_function_features(fn) -> int | None:
+    """The sliding window of a transformers mask function (None: plain causal), from its
+    structure (closures of ``masking_utils``; no tensor is read). Anything sparse24's slot
+    mask would drop (chunked attention, packed sequences, bidirectional blocks, or-ed or
+    unknown patterns) raises a ValueError."""
+    from transformers import masking_utils as mu
+
+    def code(f):
+        return getattr(f, "__code__", None)
+
+    known = {
+        code(mu.causal_mask_function): "causal",
+        code(mu.and_masks(mu.causal_mask_function)): "and",
+        code(mu.or_masks(mu.causal_mask_function)): "or",
+        code(mu.sliding_window_overlay(1)): "window",
+        code(mu.chunked_overlay(1, None)): "chunked attention (attention_chunk_size)",
+        code(mu.packed_sequence_mask_function(None)): "packed sequences (several sequences in one row)",
+        code(mu.blockwise_overlay(None)): "bidirectional blocks (block_sequence_ids)",
+        code(mu.bidirectional_mask_function): "bidirectional (non-causal) attention",
+    }
+    windows, seen_causal = [], []
+
+    def walk(f):
+        kind = known.get(code(f))
+        cells = dict(zip(f.__code__.co_freevars, (c.cell_contents for c in f.__closure__ or ()))) if code(f) else {}
+        if kind == "causal":
+            seen_causal.append(True)
+        elif kind == "and":
+            for g in cells["mask_functions"]:
+                walk(g)
+        elif kind == "window":
+            windows.append(int(cells["sliding_window"]))
+        else:
+            what = kind or f"an unknown mask function {getattr(f, '__qualname__', type(f).__name__)!r}"
+            if kind == "or":
+                what = "a union of mask patterns (or_mask_function)"
+            raise ValueError(
+                f"attn_implementation='sparse24' expresses causal, sliding-window and padding masks only; transformers "
+                f"asks for a mask with {what}, which sparse24 cannot express"
+            )
+
+    walk(fn)
+    if not seen_causal:
+        raise ValueError("attn_implementation='sparse24' runs causal attention only; this mask function is not causal")
+    return min(windows) if windows else None
+
+
 def slot_mask(
     batch_size: int,
     q_length: int,
@@ -88,8 +153,11 @@ def slot_mask(
     StaticCache's tail; its fill level ``q_offset + q_length`` is a device tensor there).
     Unlike ``flash_attention_mask`` it never reads the mask on the host (no ``.all()``), and
     its shape does not change from one decode step to the next with a StaticCache (CUDA
-    graphs). ``mask_function`` (the causal pattern) is implied: the attention is causal.
+    graphs). ``mask_function`` is read for its structure only (see :func:`_mask_function_features`):
+    causal with an optional sliding window; anything else it carries raises rather than being dropped.
     """
+    if mask_function is not None:
+        _mask_function_features(mask_function)  # refuses what the slot mask would drop
     filled = q_offset - kv_offset + q_length  # written slots of the layer's cache (int or 0-d tensor)
     all_written = not isinstance(filled, torch.Tensor) and filled >= kv_length
     if attention_mask is None and all_written:
@@ -219,7 +287,9 @@ def attention_forward(
     causal = kwargs.get("is_causal", getattr(module, "is_causal", True))
     if causal is None:
         causal = True
-    window = kwargs.get("sliding_window")
+    if kwargs.get("s_aux") is not None:
+        raise ValueError("attn_implementation='sparse24' has no attention sinks: s_aux (learned sink logits) must be None")
+    window = kwargs.get("sliding_window") or _layer_window(module)  # some families carry it only in the mask
     softcap = kwargs.get("softcap")
 
     batch, num_q_heads, q_len, head_dim = query.shape
@@ -238,7 +308,7 @@ def attention_forward(
     k_cache, pages_per_row = _paged_view(key)
     v_cache, v_pages_per_row = _paged_view(value)
     if v_pages_per_row != pages_per_row:
-        raise ValueError(f"key and value must share a layout, got strides {list(key.stride())} and {list(value.stride())}")
+        v_cache = _paged_view(_in_layout_of(value, pages_per_row))[0]
     layout = _layout(attention_mask, kwargs.get("position_ids"), batch=batch, q_len=q_len, kv_len=kv_len,
                      pages_per_row=pages_per_row, sliding=bool(window), config=config, device=query.device)
 
@@ -268,15 +338,96 @@ def register(name: str = DEFAULT_NAME) -> str:
     return name
 
 
-def _attention_modules(model: torch.nn.Module) -> dict[int, torch.nn.Module]:
+def _candidate_modules(model: torch.nn.Module) -> dict[int, torch.nn.Module]:
     layers = {}
     for module in model.modules():
         idx = getattr(module, "layer_idx", None)
-        if idx is not None and hasattr(module, "is_causal") and type(module).__name__.endswith("Attention"):
-            layers[int(idx)] = module
-    if not layers:
-        raise ValueError(f"model must have attention modules with a layer_idx (a transformers decoder), got {type(model).__name__}")
+        if idx is not None and type(module).__name__.endswith("Attention"):
+            layers.setdefault(int(idx), module)
     return layers
+
+
+def _attention_modules(model: torch.nn.Module) -> dict[int, torch.nn.Module]:
+    candidates = _candidate_modules(model)
+    if not candidates:
+        raise ValueError(
+            f"model must have attention modules with a layer_idx (a transformers decoder), got {type(model).__name__}: "
+            "none of its modules is a *Attention module with a layer_idx"
+        )
+    no_causal = {i: type(m).__name__ for i, m in candidates.items() if not hasattr(m, "is_causal")}
+    if no_causal:
+        raise ValueError(
+            f"sparse24 runs causal attention only, and the attention modules of layers {sorted(no_causal)} "
+            f"({sorted(set(no_causal.values()))}) of {type(model).__name__} have a layer_idx but no is_causal "
+            "attribute, so whether (and how) they mask cannot be known; such models are not supported"
+        )
+    return candidates
+
+
+def _dispatches_through_interface(module: torch.nn.Module) -> bool:
+    """The module's forward looks its attention function up in transformers'
+    ``ALL_ATTENTION_FUNCTIONS`` (a module that picks sdpa/eager itself never calls ours)."""
+    forward = getattr(type(module).forward, "__code__", None)
+    return forward is not None and "ALL_ATTENTION_FUNCTIONS" in forward.co_names
+
+
+def _check_dispatch(model: torch.nn.Module, layers: dict[int, torch.nn.Module]) -> None:
+    """Every layer really calls :func:`attention_forward` (else sparsify would be a silent no-op)."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    own = {i: type(m).__name__ for i, m in layers.items() if not _dispatches_through_interface(m)}
+    if own:
+        raise ValueError(
+            f"the attention modules of layers {sorted(own)} ({sorted(set(own.values()))}) of {type(model).__name__} "
+            "do not dispatch through transformers' AttentionInterface (they choose sdpa/eager themselves), so "
+            "attn_implementation='sparse24' never reaches them; this model is not supported"
+        )
+    wrong = {}
+    for i, module in layers.items():
+        impl = getattr(getattr(module, "config", None), "_attn_implementation", None)
+        if impl is None:
+            impl = getattr(model.config, "_attn_implementation", None)
+        if impl not in ALL_ATTENTION_FUNCTIONS or ALL_ATTENTION_FUNCTIONS[impl] is not attention_forward:
+            wrong[i] = impl
+    if wrong:
+        raise ValueError(
+            f"the attention of layers {sorted(wrong)} of {type(model).__name__} runs attn_implementation="
+            f"{sorted(set(map(str, wrong.values())))}, not sparse24, so sparsify would change nothing; load the model "
+            f"with attn_implementation={DEFAULT_NAME!r} or call model.set_attn_implementation({DEFAULT_NAME!r}) first"
+        )
+
+
+_FEATURES_ATTR = "sparse24_features"
+
+
+def _layer_window(module: torch.nn.Module) -> int | None:
+    """The sliding window transformers applies to this layer (possibly only through its mask
+    function), from the layer's config; refuses what the kernel cannot express (chunked
+    attention, learned sinks). Cached on the module."""
+    cached = getattr(module, _FEATURES_ATTR, None)
+    if cached is not None:
+        return cached[0]
+    name, idx = type(module).__name__, getattr(module, "layer_idx", None)
+    if getattr(module, "sinks", None) is not None:
+        raise ValueError(
+            f"{name} (layer {idx}) has learned attention sinks (module.sinks: per-head logits in the softmax "
+            "denominator); sparse24's kernel has no sink logits, so this model is not supported"
+        )
+    config = getattr(module, "config", None)
+    window = None
+    layer_types = getattr(config, "layer_types", None)
+    kind = layer_types[idx] if isinstance(layer_types, (list, tuple)) and idx is not None and idx < len(layer_types) else None
+    chunk = getattr(config, "attention_chunk_size", None)
+    if kind == "chunked_attention" or (kind is None and chunk):
+        raise ValueError(
+            f"{name} (layer {idx}) uses chunked attention (config.layer_types[{idx}] = {kind!r}, attention_chunk_size "
+            f"= {chunk}); sparse24 expresses causal, sliding-window and padding masks only, not chunked attention"
+        )
+    if kind == "sliding_attention" or (kind is None and getattr(config, "sliding_window", None)
+                                       and getattr(config, "use_sliding_window", True) is not False):
+        window = getattr(config, "sliding_window", None)
+    setattr(module, _FEATURES_ATTR, (int(window) if window else None,))
+    return getattr(module, _FEATURES_ATTR)[0]
 
 
 def sparsify(model: torch.nn.Module, config, *, backend: str = "auto") -> torch.nn.Module:
@@ -293,6 +444,9 @@ def sparsify(model: torch.nn.Module, config, *, backend: str = "auto") -> torch.
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
     layers = _attention_modules(model)
+    _check_dispatch(model, layers)
+    for module in layers.values():
+        _layer_window(module)  # refuses chunked attention / sinks here rather than at the first forward
     if isinstance(config, SparsityConfig):
         chosen = {i: config for i in layers}
     elif isinstance(config, dict):

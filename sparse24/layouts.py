@@ -153,7 +153,7 @@ def unpack_padded_jnp(out, layout: PaddedLayout, shape):
 #
 # The queries are the last q_len *written* slots, and row b's real tokens must be contiguous
 # (left or right padding; a row with holes is flagged in ``bad``). Key j of row b counts from
-# its first real token (DESIGN §2), so a padded batch selects what each row alone selects.
+# its first real token (docs/SPEC.md §2), so a padded batch selects what each row alone selects.
 # Sliding-window caches drop old slots: with ``position_ids`` (the real-token index of each
 # query) the dropped keys are counted back in, exactly, as a shift of the key index by a
 # multiple of M that keeps every decision (groups, sink, recent, window, causality) the same

@@ -209,3 +209,16 @@ def test_extra_keywords_of_newer_flax():
         fn(q, q, q, input_positions=jnp.arange(5)[None])
     with pytest.raises(TypeError, match=r"unexpected keyword arguments \['sinks'\]"):
         fn(q, q, q, sinks=jnp.zeros(4))
+
+
+def test_per_head_masks_and_weight_sowing_raise():
+    """Masks that differ per head (an arbitrary 4-D mask) and sowing weights cannot be
+    expressed: they raise instead of being approximated by one mask per row."""
+    fn = sparse24.flax.attention_fn(TWO_FOUR, backend="reference")
+    q = jnp.ones((1, 6, 2, 8))
+    per_head = jnp.ones((1, 2, 6, 6), bool).at[:, 1, :, 4:].set(False)  # head 1 sees fewer keys
+    with pytest.raises(ValueError, match="cannot be expressed"):
+        fn(q, q, q, mask=per_head)
+    with pytest.raises(ValueError, match="sow"):
+        fn(q, q, q, module=object())
+    fn(q, q, q, mask=jnp.ones((1, 1, 6, 6), bool))  # the same mask on every head is fine

@@ -108,7 +108,8 @@ def test_dense_equals_sdpa_and_eager(kind):
                          ids=["2:4", "1:8-sink-recent"])
 def test_nm_equals_hand_written_eager(kind, config):
     model = tiny_model(kind)
-    sparse24.hf.sparsify(model, config)
+    model.set_attn_implementation("sparse24")
+    sparse24.hf.sparsify(model, config)  # eager_nm reads the layers' sparse24_config too
     want = logits_with(model, "eager_nm", IDS)
     got = logits_with(model, "sparse24", IDS, config=config)
     torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
@@ -468,3 +469,106 @@ def test_layout_traces_without_graph_breaks(cache):
     compiled = torch.compile(around_the_op, fullgraph=True, backend="eager")
     for got, want in zip(compiled(q, kv, mask, positions, filled), around_the_op(q, kv, mask, positions, filled)):
         torch.testing.assert_close(got, want)
+
+
+# ---------------------------------------------------------------- no silent fallbacks (issue 15)
+
+def _tiny(config_cls, model_cls, **extra):
+    torch.manual_seed(0)
+    common = dict(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=16, max_position_embeddings=256, pad_token_id=0)
+    common.update(extra)
+    common = {k: v for k, v in common.items() if v is not None}
+    model = model_cls(config_cls(**common)).eval()
+    model.generation_config.eos_token_id = None
+    return model
+
+
+def test_sparsify_refuses_a_model_not_routed_to_sparse24():
+    model = tiny_model("llama")
+    model.set_attn_implementation("sdpa")
+    for call in (lambda: sparse24.hf.sparsify(model, TWO_FOUR), lambda: sparse24.hf.dense(model)):
+        with pytest.raises(ValueError, match=r"layers \[0, 1\].*'sdpa'.*set_attn_implementation\('sparse24'\)"):
+            call()
+    model.set_attn_implementation("sparse24")
+    sparse24.hf.sparsify(model, TWO_FOUR)  # now it does
+
+
+def test_sparsify_refuses_attention_that_picks_its_own_implementation():
+    model = _tiny(transformers.FalconConfig, transformers.FalconForCausalLM, num_kv_heads=2, head_dim=None,
+                  new_decoder_architecture=True)
+    model.set_attn_implementation("sparse24")  # accepted by transformers, but FalconAttention ignores it
+    with pytest.raises(ValueError, match="FalconAttention.*do not dispatch through transformers' AttentionInterface"):
+        sparse24.hf.sparsify(model, TWO_FOUR)
+
+
+def test_doge_refusal_names_the_missing_is_causal():
+    model = _tiny(transformers.DogeConfig, transformers.DogeForCausalLM)
+    model.set_attn_implementation("sparse24")
+    with pytest.raises(ValueError, match=r"DogeAttention.*have a layer_idx but no is_causal"):
+        sparse24.hf.sparsify(model, TWO_FOUR)
+
+
+def test_window_carried_only_by_the_mask_function_is_honoured():
+    """PhiMoE passes no sliding_window to the attention function: only its mask function has it."""
+    model = _tiny(transformers.PhimoeConfig, transformers.PhimoeForCausalLM, sliding_window=8, num_local_experts=4,
+                  num_experts_per_tok=2)
+    want = logits_with(model, "eager", IDS)
+    got = logits_with(model, "sparse24", IDS, config=SparsityConfig.dense())
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    model.config.sliding_window = None  # the window really matters here
+    assert (logits_with(model, "eager", IDS) - want).abs().max() > 1e-3
+
+
+def test_chunked_attention_and_sinks_are_refused():
+    llama4 = _tiny(transformers.Llama4TextConfig, transformers.Llama4ForCausalLM, attention_chunk_size=8,
+                   intermediate_size_mlp=128, num_local_experts=2)
+    llama4.set_attn_implementation("sparse24")
+    with pytest.raises(ValueError, match="chunked attention.*attention_chunk_size = 8"):
+        sparse24.hf.sparsify(llama4, TWO_FOUR)
+    with torch.no_grad(), pytest.raises(ValueError, match="chunked attention"):  # not sparsified: at the first forward
+        llama4(IDS)
+    oss = _tiny(transformers.GptOssConfig, transformers.GptOssForCausalLM, num_local_experts=4, num_experts_per_tok=2,
+                layer_types=["sliding_attention", "full_attention"], sliding_window=8)
+    oss.set_attn_implementation("sparse24")
+    with pytest.raises(ValueError, match="learned attention sinks"):
+        sparse24.hf.sparsify(oss, TWO_FOUR)
+
+
+def test_mask_functions_sparse24_cannot_express_raise():
+    from transformers import masking_utils as mu
+
+    window = mu.sliding_window_causal_mask_function(8)
+    assert sparse24.hf._mask_function_features(window) == 8
+    assert sparse24.hf._mask_function_features(mu.causal_mask_function) is None
+    bad = {
+        "chunked attention": mu.chunked_causal_mask_function(8, torch.zeros(2, dtype=torch.long)),
+        "union of mask patterns": mu.or_masks(mu.causal_mask_function, mu.sliding_window_overlay(3)),
+        "packed sequences": mu.and_masks(mu.causal_mask_function, mu.packed_sequence_mask_function(torch.zeros(2, 3))),
+        "unknown mask function": mu.and_masks(mu.causal_mask_function, lambda b, h, q, k: k >= 0),
+        "bidirectional": mu.bidirectional_mask_function,
+    }
+    for reason, fn in bad.items():
+        with pytest.raises(ValueError, match=reason):
+            sparse24.hf.slot_mask(2, 3, 3, 0, 0, mask_function=fn, attention_mask=None)
+
+
+@pytest.mark.parametrize("family", ["deepseek_v3", "minicpm3"])
+def test_mla_batch_with_a_value_layout_of_its_own(family):
+    """MLA: V is a strided view laid out unlike K; a padded batch equals each prompt alone."""
+    extra = dict(kv_lora_rank=32, q_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, head_dim=None, num_key_value_heads=4)
+    if family == "deepseek_v3":
+        model = _tiny(transformers.DeepseekV3Config, transformers.DeepseekV3ForCausalLM, n_routed_experts=4,
+                      num_experts_per_tok=2, n_group=1, topk_group=1, moe_intermediate_size=32,
+                      first_k_dense_replace=1, **extra)
+    else:
+        model = _tiny(transformers.MiniCPM3Config, transformers.MiniCPM3ForCausalLM, **extra)
+    want = logits_with(model, "eager", IDS)
+    got = logits_with(model, "sparse24", IDS, config=SparsityConfig.dense())
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    ids, mask = left_padded_batch()
+    batched = logits_with(model, "sparse24", ids, config=TWO_FOUR, attention_mask=mask)
+    for b in range(ids.shape[0]):
+        n = int(mask[b].sum())
+        alone = logits_with(model, "sparse24", ids[b:b + 1, -n:], config=TWO_FOUR)[0]
+        torch.testing.assert_close(batched[b, -n:], alone, atol=1e-4, rtol=1e-4)
