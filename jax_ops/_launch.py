@@ -164,8 +164,8 @@ def _host_launch(launches, input_names, results, *inputs: np.ndarray):
 
     with _INTERPRETER_LOCK:
         env = run_launches(launches, {n: _to_torch(x) for n, x in zip(input_names, inputs)}, launch_fn)
-    out_dtypes = _result_dtypes(launches, results)
-    return tuple(_to_numpy(env[r], out_dtypes[r]) for r in results)
+    specs = _result_specs(launches, results)
+    return tuple(_to_numpy(env[r], specs[r].dtype) for r in results)
 
 
 def _result_specs(launches: Sequence[KernelLaunch], results: Sequence[str]) -> dict:
@@ -175,10 +175,6 @@ def _result_specs(launches: Sequence[KernelLaunch], results: Sequence[str]) -> d
         for o in launch.outputs:
             specs[o.array] = jax.ShapeDtypeStruct(o.shape, jnp.dtype(o.dtype))
     return {r: specs[r] for r in results}
-
-
-def _result_dtypes(launches, results) -> dict:
-    return {r: s.dtype for r, s in _result_specs(launches, results).items()}
 
 
 def _torch_dtype(dtype):

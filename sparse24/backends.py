@@ -57,6 +57,13 @@ def kernels_interpreted() -> bool:
     return _KERNELS_INTERPRETED
 
 
+def check_backend_name(backend) -> str:
+    """``backend`` is one of ``BACKENDS`` (a name check only; ``resolve_backend`` decides what runs)."""
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
+    return backend
+
+
 def resolve_backend(backend: str, framework: str = "torch", *, on_gpu: bool) -> str:
     """Map a requested backend to "triton", "interpret" or "reference", or raise ValueError.
 
@@ -71,8 +78,7 @@ def resolve_backend(backend: str, framework: str = "torch", *, on_gpu: bool) -> 
     """
     if framework not in FRAMEWORKS:
         raise ValueError(f"framework must be one of {list(FRAMEWORKS)}, got {framework!r}")
-    if not isinstance(backend, str) or backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
+    check_backend_name(backend)
     if backend == "reference":
         return backend
     if backend == "auto":

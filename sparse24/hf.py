@@ -439,10 +439,9 @@ def sparsify(model: torch.nn.Module, config, *, backend: str = "auto") -> torch.
         (None = dense; layers not named are dense).
       backend: "auto" | "triton" | "interpret" | "reference" for the attention op.
     """
-    from sparse24.backends import BACKENDS
+    from sparse24.backends import check_backend_name
 
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
+    check_backend_name(backend)
     layers = _attention_modules(model)
     _check_dispatch(model, layers)
     for module in layers.values():
