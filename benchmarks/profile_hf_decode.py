@@ -22,6 +22,8 @@ def main() -> None:
     p.add_argument("--prompt", type=int, default=4096)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--cprofile", action="store_true", help="also print the Python functions with the most own time")
+    p.add_argument("--generate", type=int, default=0,
+                   help="profile model.generate with this many new tokens instead of hand-written decode steps")
     args = p.parse_args()
     import sparse24.hf
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -36,6 +38,9 @@ def main() -> None:
         model.set_attn_implementation(impl)
         if impl == "sparse24":
             sparse24.hf.dense(model)
+        if args.generate:
+            _profile_generate(model, ids, impl, args)
+            continue
         with torch.no_grad():
             out = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True)
             cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
@@ -76,6 +81,39 @@ def main() -> None:
         ka = prof.key_averages()
         print(ka.table(sort_by="self_cuda_time_total", row_limit=12, max_name_column_width=60))
         print(ka.table(sort_by="self_cpu_time_total", row_limit=14, max_name_column_width=60))
+
+
+def _profile_generate(model, ids, impl: str, args) -> None:
+    """generate(new) under cProfile and torch.profiler: host time per new token, by function and op."""
+    import cProfile
+    import pstats
+
+    def gen(new):
+        with torch.no_grad():
+            return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
+                                  min_new_tokens=new, do_sample=False, eos_token_id=None, pad_token_id=0)
+
+    gen(args.generate)  # warm: every kernel specialisation compiled
+    walls = {}
+    for new in (1, args.generate):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        gen(new)
+        torch.cuda.synchronize()
+        walls[new] = (time.perf_counter() - t) * 1e3
+    per = (walls[args.generate] - walls[1]) / (args.generate - 1)
+    print(f"===== {impl} generate: {per:.2f} ms per decode step (wall difference of {args.generate} and 1 new tokens)")
+    py = cProfile.Profile()
+    py.enable()
+    gen(args.generate)
+    torch.cuda.synchronize()
+    py.disable()
+    pstats.Stats(py).sort_stats("tottime").print_stats(30)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                            torch.profiler.ProfilerActivity.CUDA]) as prof:
+        gen(args.generate)
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60))
 
 
 if __name__ == "__main__":

@@ -42,6 +42,7 @@ without a sync: a row whose mask has holes outputs NaN (never silently wrong). U
 from __future__ import annotations
 
 import weakref
+from typing import NamedTuple
 
 import torch
 
@@ -228,20 +229,45 @@ class _LayoutCache:
 _LAYOUTS = _LayoutCache()
 
 
+class _Step(NamedTuple):
+    """What one forward pass's layers share: the layout, and the output fix-up of rows the
+    layout could not vouch for without a host read: ``out = where(keep, out, fill)`` with
+    ``keep`` bool [B, 1, 1, 1] and ``fill`` [B, 1, 1, 1] in the output dtype (NaN for a row
+    whose mask has holes, 0 for a decode row without a real query), or both None."""
+
+    layout: _layouts.MaskLayout
+    keep: torch.Tensor | None
+    fill: torch.Tensor | None
+
+
+def _decode_step(layout: _layouts.MaskLayout, batch: int, dtype: torch.dtype) -> _Step:
+    """A decode layout (q_len = 1) whose packed queries and outputs are views of the padded
+    ones (no gathers): sequence b owns packed row b, and a row without a real query (its slot
+    is padding) or with holes gets its output replaced (0 / NaN) by the one ``where``."""
+    device = layout.seq_lens.device
+    has_query = layout.rows < batch  # [B] the padding "none" row index is B * q_len = B
+    cu = torch.arange(batch + 1, dtype=torch.int32, device=device)
+    seq_lens = torch.clamp(layout.seq_lens, min=1)  # a row without a query still reads a valid key
+    layout = layout._replace(cu_seqlens_q=cu, seq_lens=seq_lens, rows=None, sources=None)
+    keep = (has_query & ~layout.bad).view(batch, 1, 1, 1)
+    fill = torch.where(layout.bad, float("nan"), 0.0).to(dtype).view(batch, 1, 1, 1)
+    return _Step(layout, keep, fill)
+
+
 def _layout(attention_mask, position_ids, *, batch: int, q_len: int, kv_len: int, pages_per_row: int,
-            sliding: bool, config: SparsityConfig, device: torch.device):
+            sliding: bool, config: SparsityConfig, device: torch.device, dtype: torch.dtype) -> _Step:
     """The layout of this forward pass: built on the device by the first layer, reused by the
     others. A prefill (q_len > 1) that builds a layout for a mask reads one flag pair on the
     host (one sync per forward): a mask with holes raises there, and an all-real batch skips
     the query gather. Decode steps never sync: a row with holes outputs NaN instead."""
     positions = position_ids if sliding else None
-    key = (batch, q_len, kv_len, pages_per_row, str(device),
+    key = (batch, q_len, kv_len, pages_per_row, str(device), dtype,
            (config.m, config.dense_sink_tokens, positions is not None) if sliding else None)
     cacheable = _can_sync()  # traced (torch.compile) or captured code builds its own, on the device
     if cacheable:
-        layout = _LAYOUTS.get(key, attention_mask, positions)
-        if layout is not None:
-            return layout
+        step = _LAYOUTS.get(key, attention_mask, positions)
+        if step is not None:
+            return step
     layout = _layouts.padding_mask_layout_torch(
         attention_mask, batch, q_len, kv_len, pages_per_row=pages_per_row, device=device,
         position_ids=positions, sliding=sliding, m=config.m, dense_sink_tokens=config.dense_sink_tokens,
@@ -257,9 +283,41 @@ def _layout(attention_mask, position_ids, *, batch: int, q_len: int, kv_len: int
         layout = layout._replace(bad=None)
         if all_real:
             layout = layout._replace(rows=None, sources=None)
+    if layout.bad is None:
+        step = _Step(layout, None, None)
+    elif q_len == 1:
+        step = _decode_step(layout, batch, dtype)
+    else:  # a traced prefill: rows with holes output NaN
+        step = _Step(layout, ~layout.bad.view(batch, 1, 1, 1),
+                     torch.full((1, 1, 1, 1), float("nan"), dtype=dtype, device=device))
     if cacheable:
-        _LAYOUTS.put(key, attention_mask, positions, layout)
-    return layout
+        _LAYOUTS.put(key, attention_mask, positions, step)
+    return step
+
+
+class _Plans:
+    """``torch_ops.plan_unified_attention`` results by call form (shapes, strides, dtypes,
+    devices, options): the contract is checked by the first layer of a forward pass with a new
+    form, the others run the plan. A few entries; the oldest are dropped."""
+
+    def __init__(self, size: int = 16):
+        self.size = size
+        self.entries: dict = {}
+
+    def get(self, key, make):
+        plan = self.entries.get(key)
+        if plan is None:
+            plan = make()
+            if len(self.entries) >= self.size:
+                del self.entries[next(iter(self.entries))]
+            self.entries[key] = plan
+        return plan
+
+    def clear(self) -> None:
+        self.entries.clear()
+
+
+_PLANS = _Plans()
 
 
 def attention_forward(
@@ -276,7 +334,7 @@ def attention_forward(
     (not repeated for GQA; the whole cache: a StaticCache's whole buffer), attention_mask
     None or the slot mask [B, L <= Lk] of :func:`slot_mask` (a plain [B, Lk] padding mask
     works too) -> (out [B, Lq, H, D], None). No host read on the hot path (see ``_layout``)."""
-    from sparse24.torch_ops import unified_attention
+    from sparse24.torch_ops import plan_unified_attention, unified_attention
 
     if kwargs.get("output_attentions"):
         raise ValueError("attn_implementation='sparse24' cannot return attention weights (output_attentions=True)")
@@ -309,22 +367,31 @@ def attention_forward(
     v_cache, v_pages_per_row = _paged_view(value)
     if v_pages_per_row != pages_per_row:
         v_cache = _paged_view(_in_layout_of(value, pages_per_row))[0]
-    layout = _layout(attention_mask, kwargs.get("position_ids"), batch=batch, q_len=q_len, kv_len=kv_len,
-                     pages_per_row=pages_per_row, sliding=bool(window), config=config, device=query.device)
+    step = _layout(attention_mask, kwargs.get("position_ids"), batch=batch, q_len=q_len, kv_len=kv_len,
+                   pages_per_row=pages_per_row, sliding=bool(window), config=config, device=query.device,
+                   dtype=query.dtype)
+    layout = step.layout
 
     q_rows = query.transpose(1, 2)  # [B, Lq, H, D]
     q_packed = _layouts.pack_padded_torch(q_rows, layout)  # [B * Lq, H, D]
     buffer = _layouts.packed_out_buffer_torch(layout, q_rows)  # [B * Lq (+ 1), H, D]
-    unified_attention(
-        q_packed, k_cache, v_cache, layout.block_table, layout.cu_seqlens_q, layout.seq_lens,
-        config=config, causal=bool(causal), softmax_scale=scaling,
-        window=int(window) if window else None, softcap=float(softcap) if softcap else None,
-        out=buffer[: batch * q_len], max_seqlen_q=layout.max_seqlen_q, max_seqlen_k=layout.max_seqlen_k,
-        backend=backend,
-    )
+    out_packed = buffer[: batch * q_len]
+    tables = (layout.block_table, layout.cu_seqlens_q, layout.seq_lens)
+    options = dict(config=config, causal=bool(causal), softmax_scale=scaling, window=int(window) if window else None,
+                   softcap=float(softcap) if softcap else None, max_seqlen_q=layout.max_seqlen_q,
+                   max_seqlen_k=layout.max_seqlen_k, backend=backend)
+    if _can_sync():  # the contract is checked once per call form (a forward pass's first layer)
+        form = (q_packed.shape, q_packed.stride(), q_packed.dtype, q_packed.device, k_cache.shape, k_cache.stride(),
+                k_cache.dtype, k_cache.device, v_cache.shape, v_cache.stride(), v_cache.dtype, v_cache.device,
+                layout.block_table.shape, *options.values())
+        plan = _PLANS.get(form, lambda: plan_unified_attention(q_packed, k_cache, v_cache, *tables, out=out_packed,
+                                                               **options))
+        plan(q_packed, k_cache, v_cache, *tables, out=out_packed)
+    else:  # traced: no cache (the trace runs once)
+        unified_attention(q_packed, k_cache, v_cache, *tables, out=out_packed, **options)
     out = _layouts.unpack_padded_torch(buffer, layout, (batch, q_len, num_q_heads, head_dim))
-    if layout.bad is not None:  # rows with holes: NaN, never silently wrong (no host read here)
-        out = out.masked_fill(layout.bad[:, None, None, None], float("nan"))
+    if step.keep is not None:  # rows with holes: NaN, never silently wrong (no host read here)
+        out = torch.where(step.keep, out, step.fill)
     return out, None
 
 

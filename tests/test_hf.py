@@ -14,7 +14,7 @@ transformers = pytest.importorskip("transformers")
 import sparse24.hf  # noqa: E402  (registers attn_implementation="sparse24")
 import sparse24.layouts  # noqa: E402
 from sparse24 import SparsityConfig  # noqa: E402
-from sparse24.reference import keep_mask_reference  # noqa: E402
+from sparse24.reference import keep_mask_reference, unified_attention_reference  # noqa: E402
 from transformers import AttentionInterface  # noqa: E402
 from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask  # noqa: E402
 
@@ -349,12 +349,22 @@ def test_no_host_read_per_layer(monkeypatch, cache):
     import sparse24.torch_ops
 
     reads = HostReads()
-    op = sparse24.torch_ops.unified_attention
+    op, plan_op = sparse24.torch_ops.unified_attention, sparse24.torch_ops.plan_unified_attention
 
-    def op_unwatched(*args, **kwargs):  # the op's own checks are not the adapter's
+    def op_unwatched(*args, **kwargs):  # the op's own checks and backends are not the adapter's
         assert kwargs["max_seqlen_q"] is not None and kwargs["max_seqlen_k"] is not None
         with torch.overrides._pop_mode_temporarily():
             return op(*args, **kwargs)
+
+    def plan_unwatched(*args, **kwargs):
+        assert kwargs["max_seqlen_q"] is not None and kwargs["max_seqlen_k"] is not None
+        with torch.overrides._pop_mode_temporarily():
+            plan = plan_op(*args, **kwargs)
+
+        def run(*a, **k):
+            with torch.overrides._pop_mode_temporarily():
+                return plan(*a, **k)
+        return run
 
     forward = sparse24.hf.attention_forward
 
@@ -363,7 +373,9 @@ def test_no_host_read_per_layer(monkeypatch, cache):
             return forward(*args, **kwargs)
 
     monkeypatch.setattr(sparse24.torch_ops, "unified_attention", op_unwatched)
+    monkeypatch.setattr(sparse24.torch_ops, "plan_unified_attention", plan_unwatched)
     monkeypatch.setattr(sparse24.hf, "attention_forward", watched)
+    sparse24.hf._PLANS.clear()
     sparse24.hf.register("sparse24_watched")
     model = tiny_model("mistral", layers=3)  # sliding-window layers: position_ids are read on the device
     model.set_attn_implementation("sparse24_watched")
@@ -382,6 +394,47 @@ def test_no_host_read_per_layer(monkeypatch, cache):
             logits = model(logits[:, -1:].argmax(-1), attention_mask=mask, position_ids=position_ids,
                            past_key_values=past, use_cache=True).logits
             assert reads.reads == []
+
+
+@pytest.mark.parametrize("config", [SparsityConfig.dense(), TWO_FOUR], ids=["dense", "2:4"])
+def test_decode_rows_are_views_with_one_fixup(config):
+    """A decode step (q_len = 1) packs and unpacks by views: each row's query attends over its
+    real keys (left padding, a longer real range), a row whose query slot is padding (right
+    padding) outputs zeros and a row with holes NaN, the other rows exact, all without a host read,
+    and a second layer of the same forward reuses the layout and the checked plan."""
+
+    class Layer(torch.nn.Module):
+        is_causal = True
+
+    layer = Layer()
+    layer.sparse24_config, layer.sparse24_backend = config, "reference"
+    torch.manual_seed(0)
+    batch, kv_len, heads, kv_heads, dim = 4, 11, 4, 2, 8
+    q = torch.randn(batch, heads, 1, dim)
+    k, v = torch.randn(batch, kv_heads, kv_len, dim), torch.randn(batch, kv_heads, kv_len, dim)
+    mask = torch.ones(batch, kv_len, dtype=torch.long)
+    mask[1, :4] = 0  # left padding: 7 real keys
+    mask[2, -2:] = 0  # right padding: the query's slot is padding
+    mask[3, 5] = 0  # holes
+    sparse24.hf._PLANS.clear()
+    out, _ = sparse24.hf.attention_forward(layer, q, k, v, mask, scaling=0.3)
+    assert out.shape == (batch, 1, heads, dim)
+    for b, start in ((0, 0), (1, 4)):  # each row alone, in float64
+        n = kv_len - start
+        kc = k[b, :, start:].transpose(0, 1)[None].double()  # [1, n, H_kv, D]
+        vc = v[b, :, start:].transpose(0, 1)[None].double()
+        want = unified_attention_reference(
+            q[b].transpose(0, 1).double(), kc, vc, torch.zeros(1, 1, dtype=torch.int32),
+            torch.tensor([0, 1], dtype=torch.int32), torch.tensor([n], dtype=torch.int32), config=config,
+            softmax_scale=0.3,
+        )  # [1, H, D]
+        torch.testing.assert_close(out[b].double(), want, atol=1e-5, rtol=1e-5)
+    assert (out[2] == 0).all()
+    assert torch.isnan(out[3]).all()
+    plans = dict(sparse24.hf._PLANS.entries)
+    again, _ = sparse24.hf.attention_forward(layer, q, k, v, mask, scaling=0.3)  # the next layer
+    assert sparse24.hf._PLANS.entries == plans
+    torch.testing.assert_close(again, out, equal_nan=True)
 
 
 def test_decode_with_holes_outputs_nan():
@@ -460,10 +513,13 @@ def test_layout_traces_without_graph_breaks(cache):
     def around_the_op(q, kv, mask, positions, filled):
         slots = sparse24.hf.slot_mask(batch, q_len, kv_len, filled, 0, attention_mask=mask)
         k_cache, pages_per_row = sparse24.hf._paged_view(kv)
-        layout = sparse24.hf._layout(slots, positions, batch=batch, q_len=q_len, kv_len=kv_len,
-                                     pages_per_row=pages_per_row, sliding=True, config=TWO_FOUR, device=q.device)
+        step = sparse24.hf._layout(slots, positions, batch=batch, q_len=q_len, kv_len=kv_len,
+                                   pages_per_row=pages_per_row, sliding=True, config=TWO_FOUR, device=q.device,
+                                   dtype=q.dtype)
+        layout = step.layout
         packed = sparse24.layouts.pack_padded_torch(q.transpose(1, 2), layout)
-        return k_cache.sum(), packed, layout.block_table, layout.cu_seqlens_q, layout.seq_lens
+        return (k_cache.sum(), packed, layout.block_table, layout.cu_seqlens_q, layout.seq_lens, step.keep,
+                step.fill)
 
     torch._dynamo.reset()
     compiled = torch.compile(around_the_op, fullgraph=True, backend="eager")

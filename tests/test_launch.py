@@ -127,3 +127,68 @@ def test_run_launches_threads_named_arrays():
     assert seen[0][1] == names
     assert seen[1][1] == tuple(f"{main.kernel.__name__}:segm_{s}" for s in ("acc", "max", "sum"))
     assert env["out"] == f"{reduce.kernel.__name__}:out"
+
+
+def test_a_plan_is_checked_once_and_runs_like_the_call():
+    """plan_unified_attention raises what unified_attention raises (the one contract) and
+    a plan, run again on new values of the same form, equals unified_attention."""
+    import torch
+
+    from sparse24.testing import make_paged_inputs
+    from sparse24.torch_ops import plan_unified_attention, unified_attention
+
+    inputs = make_paged_inputs([3, 1], [9, 20], num_q_heads=4, num_kv_heads=2, head_dim=16, block_size=8,
+                               dtype=torch.float32, seed=0)
+    args = (inputs.q, inputs.k_cache, inputs.v_cache, inputs.block_table, inputs.cu_seqlens_q, inputs.seq_lens)
+    with pytest.raises(ValueError, match="window"):
+        plan_unified_attention(*args, window=0, backend="reference")
+    plan = plan_unified_attention(*args, max_seqlen_q=3, max_seqlen_k=20, backend="reference")
+    for seed in (1, 2):
+        q = torch.randn(inputs.q.shape, generator=torch.Generator().manual_seed(seed))
+        torch.testing.assert_close(
+            plan(q, *args[1:]), unified_attention(q, *args[1:], max_seqlen_q=3, max_seqlen_k=20, backend="reference")
+        )
+
+
+def test_fast_launch_keeps_the_compiled_kernel_per_alignment(monkeypatch):
+    """The torch launcher's direct path: the first call of a (launch, dtypes, alignments,
+    device) key goes through ``kernel[grid](...)`` and keeps what it returns; later calls hand
+    that compiled kernel a 3-D grid and every argument in the kernel's order; a misaligned
+    array is a new key. (A fake kernel: the real one is checked on the GPU,
+    tests/test_gpu_decode.py.)"""
+    import torch
+
+    from sparse24.torch_ops import _launch as TL
+
+    calls = []
+
+    class Compiled:
+        def __getitem__(self, grid):
+            return lambda *args: calls.append(("compiled", grid, args))
+
+    class Kernel:
+        arg_names = ["a_ptr", "b_ptr", "n", "BLOCK"]
+
+        def __getitem__(self, grid):
+            def run(*args, **kw):
+                calls.append(("jit", grid, args, kw))
+                return Compiled()
+            return run
+
+    launch = L.KernelLaunch(kernel=Kernel(), grid=(4,), inputs=(("a_ptr", "a"),),
+                            outputs=(L.OutputSpec("b_ptr", "b", (8,), "float32"),),
+                            keywords={"BLOCK": 16, "n": 8}, num_warps=4, num_stages=1)
+    monkeypatch.setattr(TL, "INTERPRETED", False)
+    monkeypatch.setattr(TL, "_COMPILED", {})
+    device = torch.device("cpu")
+    a, b = torch.zeros(9), torch.zeros(8)
+    for x in (a, a, a[1:], a[1:]):
+        TL._run_one(launch, [x[:8]], {"b": b}, direct=True, device=device)
+    kinds = [c[0] for c in calls]
+    assert kinds == ["jit", "compiled", "jit", "compiled"]
+    assert calls[0][3] == {"BLOCK": 16, "n": 8, "num_warps": 4, "num_stages": 1}
+    assert calls[1][1] == (4, 1, 1)
+    assert calls[1][2][2:] == (8, 16)  # n, BLOCK: the kernel's order, not the keywords'
+    monkeypatch.setattr(TL, "FAST_LAUNCH", False)
+    TL._run_one(launch, [a[:8]], {"b": b}, direct=True, device=device)
+    assert calls[-1][0] == "jit"

@@ -58,6 +58,37 @@ def dtype_str(dtype: torch.dtype) -> str:
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+# Direct launches of compiled kernels reuse Triton's compiled kernel object (its launcher)
+# instead of going through ``JITFunction.run`` every call, whose argument binding and
+# specialisation of every one of the ~55 arguments costs more host time than the decode
+# kernel runs (benchmarks/profile_host_time.py). Sound because everything Triton specialises
+# on is fixed by the key: the described launch fixes every scalar, stride and constexpr (the
+# description is memoised, so one object per description), and the key adds each array's
+# dtype and 16-byte alignment (what Triton specialises pointers on) and the device. The
+# first call of a key goes through ``JITFunction.run`` (compiling if needed) and keeps the
+# compiled kernel it returns. FAST_LAUNCH = False turns it off (benchmarks compare both).
+FAST_LAUNCH = True
+_COMPILED: dict = {}  # id(launch) -> (launch, trailing arguments, {array key: CompiledKernel}, 3-D grid)
+
+
+def _fast_launch(launch: KernelLaunch, arrays: tuple, device: torch.device) -> None:
+    entry = _COMPILED.get(id(launch))
+    if entry is None or entry[0] is not launch:
+        if len(_COMPILED) > 1024:
+            _COMPILED.clear()
+        names = launch.kernel.arg_names[len(arrays):]  # the keywords, in the kernel's order
+        grid = (*launch.grid, 1, 1)[:3]  # a compiled kernel's launcher takes all three grid sizes
+        entry = _COMPILED[id(launch)] = (launch, tuple(launch.keywords[n] for n in names), {}, grid)
+    key = (device.index, *[(a.dtype, a.data_ptr() % 16 == 0) for a in arrays])
+    compiled = entry[2].get(key)
+    if compiled is None:
+        entry[2][key] = launch.kernel[launch.grid](
+            *arrays, **launch.keywords, num_warps=launch.num_warps, num_stages=launch.num_stages
+        )
+    else:
+        compiled[entry[3]](*arrays, *entry[1])
+
+
 def _run_one(launch: KernelLaunch, inputs: list, env: dict, *, direct: bool, device: torch.device) -> list:
     """Launch one described kernel: outputs not given by the caller (split-KV partials) are
     allocated here; arrays go by position, everything else by keyword, as described."""
@@ -65,9 +96,12 @@ def _run_one(launch: KernelLaunch, inputs: list, env: dict, *, direct: bool, dev
         env[o.array] if o.array in env else torch.empty(o.shape, dtype=_TORCH_DTYPES[o.dtype], device=device)
         for o in launch.outputs
     ]
-    _launcher(launch.kernel, direct)[launch.grid](
-        *inputs, *outputs, **launch.keywords, num_warps=launch.num_warps, num_stages=launch.num_stages
-    )
+    if direct and FAST_LAUNCH and not INTERPRETED:
+        _fast_launch(launch, (*inputs, *outputs), device)
+    else:
+        _launcher(launch.kernel, direct)[launch.grid](
+            *inputs, *outputs, **launch.keywords, num_warps=launch.num_warps, num_stages=launch.num_stages
+        )
     return outputs
 
 

@@ -183,18 +183,71 @@ def unified_attention(
         >>> unified_attention(q, kc, vc, bt, cu, kv, backend="reference").shape
         torch.Size([5, 4, 64])
     """
+    plan = plan_unified_attention(
+        q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, config=config, causal=causal,
+        softmax_scale=softmax_scale, window=window, softcap=softcap, return_lse=return_lse, out=out,
+        max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, num_kv_splits=num_kv_splits, backend=backend,
+    )
+    return plan(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, out=out)
+
+
+class UnifiedAttentionPlan:
+    """A checked, resolved ``unified_attention`` call, to run again on arrays of the same form.
+
+    :func:`plan_unified_attention` checks the arguments once (the one contract) and resolves
+    the backend; calling the plan runs the call on the given arrays without checking them
+    again. The caller vouches that they have the shapes, strides, dtypes and device of the
+    arrays the plan was made from (and, where the plan was made without maxima, the same
+    metadata values). ``sparse24.hf`` plans once per forward pass and shape, and runs the plan
+    in every layer: the checks cost more host time than a decode step's kernel.
+    """
+
+    __slots__ = ("backend", "prepared")
+
+    def __init__(self, backend: str, prepared):
+        self.backend = backend
+        self.prepared = prepared
+
+    def __call__(self, q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, *, out=None):
+        """Run the planned call; returns ``out`` [T, H_q, D] or ``(out, lse)`` as planned."""
+        p = self.prepared
+        return _dispatch(
+            self.backend, q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, out=out, config=p.config,
+            options=p.options, max_seqlen_q=p.max_seqlen_q, max_seqlen_k=p.max_seqlen_k,
+            num_kv_splits=p.num_kv_splits, return_lse=p.return_lse, host_metadata=p.metadata,
+        )
+
+
+def plan_unified_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    seq_lens: torch.Tensor,
+    *,
+    config: SparsityConfig | None = None,
+    causal: bool = True,
+    softmax_scale: float | None = None,
+    window: int | None = None,
+    softcap: float | None = None,
+    return_lse: bool = False,
+    out: torch.Tensor | None = None,
+    max_seqlen_q: int | None = None,
+    max_seqlen_k: int | None = None,
+    num_kv_splits: int | None = None,
+    backend: str = "auto",
+) -> UnifiedAttentionPlan:
+    """Check a :func:`unified_attention` call once (same arguments, same errors) and return
+    its :class:`UnifiedAttentionPlan`; ``unified_attention(...)`` is
+    ``plan_unified_attention(...)(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, out=out)``."""
     prepared = prepare_unified_attention(
         q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, framework="torch", config=config,
         causal=causal, softmax_scale=softmax_scale, window=window, softcap=softcap, return_lse=return_lse,
         out=out, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, num_kv_splits=num_kv_splits,
         read_metadata=lambda: _host_metadata(cu_seqlens_q, seq_lens, block_table),
     )
-    chosen = resolve_backend(backend, "torch", on_gpu=q.device.type == "cuda")
-    return _dispatch(
-        chosen, q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, out=out, config=prepared.config,
-        options=prepared.options, max_seqlen_q=prepared.max_seqlen_q, max_seqlen_k=prepared.max_seqlen_k,
-        num_kv_splits=prepared.num_kv_splits, return_lse=prepared.return_lse, host_metadata=prepared.metadata,
-    )
+    return UnifiedAttentionPlan(resolve_backend(backend, "torch", on_gpu=q.device.type == "cuda"), prepared)
 
 
 def attention(
