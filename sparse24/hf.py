@@ -103,7 +103,8 @@ def _mask_function_features(fn) -> int | None:
         code(mu.chunked_overlay(1, None)): "chunked attention (attention_chunk_size)",
         code(mu.packed_sequence_mask_function(None)): "packed sequences (several sequences in one row)",
         code(mu.blockwise_overlay(None)): "bidirectional blocks (block_sequence_ids)",
-        code(mu.bidirectional_mask_function): "bidirectional (non-causal) attention",
+        code(mu.bidirectional_mask_function): "bidirectional (non-causal) attention (an encoder's, or an "
+                                               "encoder-decoder's cross-attention mask)",
     }
     windows, seen_causal = [], []
 
@@ -440,14 +441,42 @@ def _dispatches_through_interface(module: torch.nn.Module) -> bool:
 
 def _check_dispatch(model: torch.nn.Module, layers: dict[int, torch.nn.Module]) -> None:
     """Every layer really calls :func:`attention_forward` (else sparsify would be a silent no-op)."""
+    import inspect
+
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    def what_it_computes(module) -> str:
+        """What a module that computes its attention itself does, as far as its signature and
+        config say: the reason it cannot be routed to sparse24."""
+        params = inspect.signature(type(module).forward).parameters
+        config = getattr(module, "config", None) or model.config
+        idx = getattr(module, "layer_idx", None)
+        layer_types = getattr(config, "layer_types", None)
+        listed = isinstance(layer_types, (list, tuple)) and idx is not None and idx < len(layer_types)
+        kind = layer_types[idx] if listed else None
+        name = type(module).__name__
+        flags = [c for c in (config, getattr(config, "attn_config", None)) if hasattr(c, "alibi")]
+        alibi = bool(flags[0].alibi) if flags else "alibi" in params  # Falcon has the argument, off by default
+        if alibi:
+            return ("they add an ALiBi position bias to the attention scores, which sparse24's kernel has no term "
+                    "for")
+        if "position_bias" in params:
+            return ("they add a position bias to the attention scores (forward argument 'position_bias'), which "
+                    "sparse24's kernel has no term for")
+        if kind == "linear_attention" or "Linear" in name or "Lightning" in name:
+            return "they are linear (lightning) attention layers, not softmax attention"
+        return "they compute attention themselves (their own eager/sdpa code)"
 
     own = {i: type(m).__name__ for i, m in layers.items() if not _dispatches_through_interface(m)}
     if own:
+        reasons = {}
+        for i in sorted(own):
+            reasons.setdefault(what_it_computes(layers[i]), []).append(i)
+        why = "; ".join(reason if len(reasons) == 1 else f"layers {idx}: {reason}" for reason, idx in reasons.items())
         raise ValueError(
             f"the attention modules of layers {sorted(own)} ({sorted(set(own.values()))}) of {type(model).__name__} "
-            "do not dispatch through transformers' AttentionInterface (they choose sdpa/eager themselves), so "
-            "attn_implementation='sparse24' never reaches them; this model is not supported"
+            f"do not dispatch through transformers' AttentionInterface: {why}; attn_implementation='sparse24' never "
+            "reaches them, so this model is not supported"
         )
     wrong = {}
     for i, module in layers.items():
@@ -469,16 +498,41 @@ _FEATURES_ATTR = "sparse24_features"
 
 def _layer_window(module: torch.nn.Module) -> int | None:
     """The sliding window transformers applies to this layer (possibly only through its mask
-    function), from the layer's config; refuses what the kernel cannot express (chunked
-    attention, learned sinks). Cached on the module."""
+    function), from the layer's config (``config.sliding_window`` without ``layer_types`` only
+    where the family's code builds a sliding-window mask); refuses what the kernel cannot
+    express (chunked attention, learned sinks, a learned sparse-attention indexer, a value
+    head_dim unlike the query/key head_dim, head_dim > MAX_HEAD_DIM). Cached on the module."""
     cached = getattr(module, _FEATURES_ATTR, None)
     if cached is not None:
         return cached[0]
+    import inspect
+    import sys
+
+    from sparse24.validation import MAX_HEAD_DIM
+
     name, idx = type(module).__name__, getattr(module, "layer_idx", None)
     if getattr(module, "sinks", None) is not None:
         raise ValueError(
             f"{name} (layer {idx}) has learned attention sinks (module.sinks: per-head logits in the softmax "
             "denominator); sparse24's kernel has no sink logits, so this model is not supported"
+        )
+    if getattr(module, "indexer", None) is not None:
+        raise ValueError(
+            f"{name} (layer {idx}) has a learned sparse-attention indexer (module.indexer, DeepSeek sparse attention: "
+            "it picks the keys each query attends to); sparse24 selects keys by its own N:M rule, so this model is "
+            "not supported"
+        )
+    qk_dim = getattr(module, "qk_head_dim", None) or getattr(module, "head_dim", None)
+    v_dim = getattr(module, "v_head_dim", None)
+    if isinstance(qk_dim, int) and isinstance(v_dim, int) and v_dim != qk_dim:
+        raise ValueError(
+            f"{name} (layer {idx}) has value heads of head_dim {v_dim} and query/key heads of head_dim {qk_dim} "
+            "(MLA); sparse24's kernel takes one head_dim for q, k and v, so this model is not supported"
+        )
+    if isinstance(qk_dim, int) and qk_dim > MAX_HEAD_DIM:
+        raise ValueError(
+            f"{name} (layer {idx}) has head_dim {qk_dim}; sparse24's kernel supports head_dim <= {MAX_HEAD_DIM}, so "
+            "this model is not supported"
         )
     config = getattr(module, "config", None)
     window = None
@@ -490,8 +544,18 @@ def _layer_window(module: torch.nn.Module) -> int | None:
             f"{name} (layer {idx}) uses chunked attention (config.layer_types[{idx}] = {kind!r}, attention_chunk_size "
             f"= {chunk}); sparse24 expresses causal, sliding-window and padding masks only, not chunked attention"
         )
-    if kind == "sliding_attention" or (kind is None and getattr(config, "sliding_window", None)
-                                       and getattr(config, "use_sliding_window", True) is not False):
+    windowed = getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True) is not False
+    if kind is None and windowed:
+        # config.sliding_window without layer_types is a window only where the family's code builds a
+        # sliding-window mask (Moshi, e.g., has the field and a plain causal mask)
+        try:
+            source = inspect.getsource(sys.modules[type(module).__module__])
+        except (KeyError, OSError, TypeError):
+            source = ""
+        masks = ("create_sliding_window_causal_mask", "sliding_window_causal_mask_function", "sliding_window_overlay")
+        if any(m in source for m in masks):
+            window = config.sliding_window
+    elif kind == "sliding_attention":
         window = getattr(config, "sliding_window", None)
     setattr(module, _FEATURES_ATTR, (int(window) if window else None,))
     return getattr(module, _FEATURES_ATTR)[0]
@@ -509,8 +573,26 @@ def sparsify(model: torch.nn.Module, config, *, backend: str = "auto") -> torch.
     from sparse24.backends import check_backend_name
 
     check_backend_name(backend)
+    candidates = _candidate_modules(model)
+    if not candidates:
+        named = sorted({type(m).__name__ for m in model.modules() if type(m).__name__.endswith("Attention")})
+        if not named:
+            layer_types = getattr(getattr(model, "config", None), "layer_types", None)
+            raise ValueError(
+                f"{type(model).__name__} has no attention modules (an attention-free model, e.g. state-space or "
+                f"recurrent layers{f': layer_types {sorted(set(layer_types))}' if layer_types else ''}); there is "
+                "nothing for sparse24 to run"
+            )
+        own = sorted({type(m).__name__ for m in model.modules()
+                      if type(m).__name__ in named and not _dispatches_through_interface(m)})
+        raise ValueError(
+            f"model must have attention modules with a layer_idx (a transformers decoder), got {type(model).__name__}, "
+            f"whose attention modules {named} have no layer_idx"
+            + (f" and {own} do not dispatch through transformers' AttentionInterface (they compute attention "
+               "themselves)" if own else "") + "; this model is not supported"
+        )
+    _check_dispatch(model, candidates)  # first: a module that never calls sparse24 is the real reason
     layers = _attention_modules(model)
-    _check_dispatch(model, layers)
     for module in layers.values():
         _layer_window(module)  # refuses chunked attention / sinks here rather than at the first forward
     if isinstance(config, SparsityConfig):

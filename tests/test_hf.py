@@ -628,3 +628,56 @@ def test_mla_batch_with_a_value_layout_of_its_own(family):
         n = int(mask[b].sum())
         alone = logits_with(model, "sparse24", ids[b:b + 1, -n:], config=TWO_FOUR)[0]
         torch.testing.assert_close(batched[b, -n:], alone, atol=1e-4, rtol=1e-4)
+
+
+def _family(name):
+    from sparse24 import hf_families
+
+    return hf_families.build(name)  # the sweep's tiny config of that family
+
+
+@pytest.mark.parametrize("family,why", [
+    ("bloom", "ALiBi position bias"),
+    ("mpt", "ALiBi position bias"),
+    ("cpmant", "position bias .*'position_bias'"),
+    ("minimax", r"linear \(lightning\) attention"),  # layer 1; layer 0 is softmax attention
+    ("falcon", "compute attention themselves"),  # Falcon has an alibi argument, off in its config
+])
+def test_modules_that_compute_attention_themselves_are_refused_with_the_reason(family, why):
+    model = _family(family)
+    model.set_attn_implementation("sparse24")
+    with pytest.raises(ValueError, match=f"do not dispatch through transformers' AttentionInterface: .*{why}"):
+        sparse24.hf.sparsify(model, TWO_FOUR)
+
+
+@pytest.mark.parametrize("family,why", [
+    ("deepseek_v32", r"sparse-attention indexer \(module.indexer"),
+    ("deepseek_v3", "value heads of head_dim 8 and query/key heads of head_dim 16 \\(MLA\\)"),
+    ("gemma4_text", "head_dim 512; sparse24's kernel supports head_dim <= 256"),
+    ("mamba", "has no attention modules"),
+    ("gpt_neo", r"\['GPTNeoAttention', 'GPTNeoSelfAttention'\] have no layer_idx"),
+])
+def test_what_the_kernel_cannot_run_is_refused_at_sparsify(family, why):
+    model = _family(family)
+    model.set_attn_implementation("sparse24")
+    with pytest.raises(ValueError, match=why):
+        sparse24.hf.sparsify(model, TWO_FOUR)
+
+
+def test_mla_head_dims_are_refused_at_the_first_forward_too():
+    """Not sparsified: the first forward refuses (in the backend), not the op's argument checks."""
+    model = _family("deepseek_v3")
+    model.set_attn_implementation("sparse24")
+    with torch.no_grad(), pytest.raises(ValueError, match="DeepseekV3Attention .*MLA"):
+        model(IDS[:, :8] % 128)
+
+
+def test_a_config_sliding_window_the_family_does_not_apply_is_not_applied():
+    """Moshi's config has sliding_window, but its code builds a plain causal mask: no window."""
+    model = _family("moshi")
+    assert model.config.sliding_window == 4
+    ids = IDS[:, :12] % 128
+    mask = torch.ones_like(ids)  # Moshi's eager builds a causal mask only when given a mask
+    want = logits_with(model, "sdpa", ids, attention_mask=mask)
+    got = logits_with(model, "sparse24", ids, config=SparsityConfig.dense(), attention_mask=mask)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
