@@ -178,3 +178,26 @@ def test_import_sparse24_is_light(tmp_path):
 def test_sparsity_config_from_fresh_process(tmp_path):
     out = _run("import sparse24; print(sparse24.SparsityConfig.parse('2:4'))", tmp_path)
     assert out == "2:4,sink=0,recent=64,sparse_decode=true"
+
+
+def test_regular_install_is_not_shadowed_by_a_clone_named_sparse24(tmp_path):
+    """A clone in a folder named ``sparse24``, imported from the folder above it: the folder
+    (no ``__init__.py``) would be a namespace package ``sparse24`` if no regular package came
+    later on sys.path. A regular (non-editable) install, what the README's main-job command
+    does, is a regular package, so it wins (an editable install maps names through a finder
+    that runs after the path search: the README says to run from another folder then)."""
+    wheels, target, parent = tmp_path / "wheels", tmp_path / "site", tmp_path / "work"
+    (parent / "sparse24" / "sparse24").mkdir(parents=True)  # the clone's shape: no __init__.py at its root
+    (parent / "sparse24" / "kernels").mkdir()
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(wheels),
+                    str(REPO)], check=True, capture_output=True, timeout=300)
+    wheel = next(wheels.glob("sparse24-*.whl"))
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)],
+                   check=True, capture_output=True, timeout=300)
+    env = dict(os.environ, PYTHONPATH=str(target))
+    proc = subprocess.run(
+        [sys.executable, "-c", "import sparse24; from sparse24 import SparsityConfig; print(sparse24.__file__)"],
+        cwd=parent, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert pathlib.Path(proc.stdout.strip()).resolve().is_relative_to(target.resolve())
