@@ -84,7 +84,9 @@ def main() -> None:
 
 
 def _profile_generate(model, ids, impl: str, args) -> None:
-    """generate(new) under cProfile and torch.profiler: host time per new token, by function and op."""
+    """Host time per decode step of ``generate``, by function and by op: each profile is the
+    difference of ``generate(new)`` and ``generate(1)`` (the prefill and setup cancel out),
+    divided by ``new - 1``."""
     import cProfile
     import pstats
 
@@ -93,27 +95,56 @@ def _profile_generate(model, ids, impl: str, args) -> None:
             return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
                                   min_new_tokens=new, do_sample=False, eos_token_id=None, pad_token_id=0)
 
-    gen(args.generate)  # warm: every kernel specialisation compiled
+    new = args.generate
+    gen(new + 2)  # warm: every kernel specialisation compiled
     walls = {}
-    for new in (1, args.generate):
+    for n in (1, new):
         torch.cuda.synchronize()
         t = time.perf_counter()
-        gen(new)
+        gen(n)
         torch.cuda.synchronize()
-        walls[new] = (time.perf_counter() - t) * 1e3
-    per = (walls[args.generate] - walls[1]) / (args.generate - 1)
-    print(f"===== {impl} generate: {per:.2f} ms per decode step (wall difference of {args.generate} and 1 new tokens)")
-    py = cProfile.Profile()
-    py.enable()
-    gen(args.generate)
-    torch.cuda.synchronize()
-    py.disable()
-    pstats.Stats(py).sort_stats("tottime").print_stats(30)
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
-                                            torch.profiler.ProfilerActivity.CUDA]) as prof:
-        gen(args.generate)
+        walls[n] = (time.perf_counter() - t) * 1e3
+    print(f"===== {impl} generate: {(walls[new] - walls[1]) / (new - 1):.2f} ms per decode step "
+          f"(wall difference of {new} and 1 new tokens)")
+
+    def functions(n):
+        py = cProfile.Profile()
+        py.enable()
+        gen(n)
         torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60))
+        py.disable()
+        return {f"{k[0].rsplit('site-packages/', 1)[-1]}:{k[1]}({k[2]})": (v[1], v[2], v[3])
+                for k, v in pstats.Stats(py).stats.items()}  # ncalls, tottime, cumtime
+
+    one, many = functions(1), functions(new)
+    rows = []
+    for name, (calls, tot, cum) in many.items():
+        c1, t1, u1 = one.get(name, (0, 0.0, 0.0))
+        rows.append(((cum - u1) / (new - 1) * 1e3, (tot - t1) / (new - 1) * 1e3, (calls - c1) / (new - 1), name))
+    print(f"----- {impl}: per decode step under cProfile (ms cumulative, ms own, calls), by cumulative")
+    for cum, tot, calls, name in sorted(rows, reverse=True)[:40]:
+        print(f"{cum:9.3f} {tot:9.3f} {calls:8.1f}  {name}")
+    print(f"----- {impl}: by own time")
+    for cum, tot, calls, name in sorted(rows, key=lambda r: -r[1])[:25]:
+        print(f"{cum:9.3f} {tot:9.3f} {calls:8.1f}  {name}")
+
+    def ops(n):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                torch.profiler.ProfilerActivity.CUDA]) as prof:
+            gen(n)
+            torch.cuda.synchronize()
+        return {e.key: (e.count, e.self_cpu_time_total, e.self_device_time_total) for e in prof.key_averages()}
+
+    o1, on = ops(1), ops(new)
+    diff = []
+    for key, (count, cpu, dev) in on.items():
+        c1, p1, d1 = o1.get(key, (0, 0.0, 0.0))
+        diff.append(((cpu - p1) / (new - 1) / 1e3, (dev - d1) / (new - 1) / 1e3, (count - c1) / (new - 1), key))
+    print(f"----- {impl}: per decode step under torch.profiler (ms self CPU, ms self device, calls)")
+    for cpu, dev, count, key in sorted(diff, reverse=True)[:30]:
+        print(f"{cpu:9.3f} {dev:9.3f} {count:8.1f}  {key[:80]}")
+    print(f"      total self CPU {sum(d[0] for d in diff):.2f} ms, self device {sum(d[1] for d in diff):.2f} ms "
+          "per decode step")
 
 
 if __name__ == "__main__":

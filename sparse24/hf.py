@@ -182,11 +182,18 @@ def slot_mask(
     return torch.where(written, base.to(torch.int8), -1)
 
 
+_CUDA: list = []  # [torch.cuda.is_available()], asked once
+
+
 def _can_sync() -> bool:
-    """Host reads are possible (not tracing for torch.compile, not capturing a CUDA graph)."""
+    """Host reads are possible (not tracing for torch.compile, not capturing a CUDA graph).
+    Called once per layer call, so it asks the CUDA runtime directly (the public wrappers
+    cost tens of microseconds per call on the decode hot path)."""
     if torch.compiler.is_compiling():
         return False
-    return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+    if not _CUDA:
+        _CUDA.append(torch.cuda.is_available())
+    return not (_CUDA[0] and torch._C._cuda_isCurrentStreamCapturing())
 
 
 class _LayoutCache:
@@ -234,11 +241,14 @@ class _Step(NamedTuple):
     """What one forward pass's layers share: the layout, and the output fix-up of rows the
     layout could not vouch for without a host read: ``out = where(keep, out, fill)`` with
     ``keep`` bool [B, 1, 1, 1] and ``fill`` [B, 1, 1, 1] in the output dtype (NaN for a row
-    whose mask has holes, 0 for a decode row without a real query), or both None."""
+    whose mask has holes, 0 for a decode row without a real query), or both None; traced
+    code (torch.compile) instead NaN-fills the rows ``nan_rows`` (bool [B]) of its gathered
+    output, or nothing (None)."""
 
     layout: _layouts.MaskLayout
     keep: torch.Tensor | None
     fill: torch.Tensor | None
+    nan_rows: torch.Tensor | None = None
 
 
 def _decode_step(layout: _layouts.MaskLayout, batch: int, dtype: torch.dtype) -> _Step:
@@ -256,7 +266,8 @@ def _decode_step(layout: _layouts.MaskLayout, batch: int, dtype: torch.dtype) ->
 
 
 def _layout(attention_mask, position_ids, *, batch: int, q_len: int, kv_len: int, pages_per_row: int,
-            sliding: bool, config: SparsityConfig, device: torch.device, dtype: torch.dtype) -> _Step:
+            sliding: bool, config: SparsityConfig, device: torch.device, dtype: torch.dtype,
+            can_sync: bool | None = None) -> _Step:
     """The layout of this forward pass: built on the device by the first layer, reused by the
     others. A prefill (q_len > 1) that builds a layout for a mask reads one flag pair on the
     host (one sync per forward): a mask with holes raises there, and an all-real batch skips
@@ -264,7 +275,7 @@ def _layout(attention_mask, position_ids, *, batch: int, q_len: int, kv_len: int
     positions = position_ids if sliding else None
     key = (batch, q_len, kv_len, pages_per_row, str(device), dtype,
            (config.m, config.dense_sink_tokens, positions is not None) if sliding else None)
-    cacheable = _can_sync()  # traced (torch.compile) or captured code builds its own, on the device
+    cacheable = _can_sync() if can_sync is None else can_sync  # traced or captured code builds its own
     if cacheable:
         step = _LAYOUTS.get(key, attention_mask, positions)
         if step is not None:
@@ -273,7 +284,7 @@ def _layout(attention_mask, position_ids, *, batch: int, q_len: int, kv_len: int
         attention_mask, batch, q_len, kv_len, pages_per_row=pages_per_row, device=device,
         position_ids=positions, sliding=sliding, m=config.m, dense_sink_tokens=config.dense_sink_tokens,
     )
-    if layout.bad is not None and q_len > 1 and _can_sync():
+    if layout.bad is not None and q_len > 1 and cacheable:
         has_holes, all_real = torch.stack([layout.bad.any(), layout.all_rows_real]).tolist()  # the one sync
         if has_holes:
             b = int(layout.bad.int().argmax())
@@ -286,11 +297,10 @@ def _layout(attention_mask, position_ids, *, batch: int, q_len: int, kv_len: int
             layout = layout._replace(rows=None, sources=None)
     if layout.bad is None:
         step = _Step(layout, None, None)
-    elif q_len == 1:
+    elif q_len == 1 and cacheable:
         step = _decode_step(layout, batch, dtype)
-    else:  # a traced prefill: rows with holes output NaN
-        step = _Step(layout, ~layout.bad.view(batch, 1, 1, 1),
-                     torch.full((1, 1, 1, 1), float("nan"), dtype=dtype, device=device))
+    else:  # traced (torch.compile, CUDA graphs): gathers, and rows with holes output NaN
+        step = _Step(layout, None, None, layout.bad)
     if cacheable:
         _LAYOUTS.put(key, attention_mask, positions, step)
     return step
@@ -368,9 +378,10 @@ def attention_forward(
     v_cache, v_pages_per_row = _paged_view(value)
     if v_pages_per_row != pages_per_row:
         v_cache = _paged_view(_in_layout_of(value, pages_per_row))[0]
+    can_sync = _can_sync()
     step = _layout(attention_mask, kwargs.get("position_ids"), batch=batch, q_len=q_len, kv_len=kv_len,
                    pages_per_row=pages_per_row, sliding=bool(window), config=config, device=query.device,
-                   dtype=query.dtype)
+                   dtype=query.dtype, can_sync=can_sync)
     layout = step.layout
 
     q_rows = query.transpose(1, 2)  # [B, Lq, H, D]
@@ -381,7 +392,7 @@ def attention_forward(
     options = dict(config=config, causal=bool(causal), softmax_scale=scaling, window=int(window) if window else None,
                    softcap=float(softcap) if softcap else None, max_seqlen_q=layout.max_seqlen_q,
                    max_seqlen_k=layout.max_seqlen_k, backend=backend)
-    if _can_sync():  # the contract is checked once per call form (a forward pass's first layer)
+    if can_sync:  # the contract is checked once per call form (a forward pass's first layer)
         form = (q_packed.shape, q_packed.stride(), q_packed.dtype, q_packed.device, k_cache.shape, k_cache.stride(),
                 k_cache.dtype, k_cache.device, v_cache.shape, v_cache.stride(), v_cache.dtype, v_cache.device,
                 layout.block_table.shape, *options.values())
@@ -393,6 +404,8 @@ def attention_forward(
     out = _layouts.unpack_padded_torch(buffer, layout, (batch, q_len, num_q_heads, head_dim))
     if step.keep is not None:  # rows with holes: NaN, never silently wrong (no host read here)
         out = torch.where(step.keep, out, step.fill)
+    elif step.nan_rows is not None:
+        out = out.masked_fill(step.nan_rows[:, None, None, None], float("nan"))
     return out, None
 
 

@@ -515,11 +515,10 @@ def test_layout_traces_without_graph_breaks(cache):
         k_cache, pages_per_row = sparse24.hf._paged_view(kv)
         step = sparse24.hf._layout(slots, positions, batch=batch, q_len=q_len, kv_len=kv_len,
                                    pages_per_row=pages_per_row, sliding=True, config=TWO_FOUR, device=q.device,
-                                   dtype=q.dtype)
+                                   dtype=q.dtype, can_sync=False)  # the traced path, also when run eagerly
         layout = step.layout
         packed = sparse24.layouts.pack_padded_torch(q.transpose(1, 2), layout)
-        return (k_cache.sum(), packed, layout.block_table, layout.cu_seqlens_q, layout.seq_lens, step.keep,
-                step.fill)
+        return (k_cache.sum(), packed, layout.block_table, layout.cu_seqlens_q, layout.seq_lens, step.nan_rows)
 
     torch._dynamo.reset()
     compiled = torch.compile(around_the_op, fullgraph=True, backend="eager")

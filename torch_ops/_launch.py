@@ -89,13 +89,22 @@ def _fast_launch(launch: KernelLaunch, arrays: tuple, device: torch.device) -> N
         compiled[entry[3]](*arrays, *entry[1])
 
 
-def _run_one(launch: KernelLaunch, inputs: list, env: dict, *, direct: bool, device: torch.device) -> list:
+def _run_one(launch: KernelLaunch, inputs: list, env: dict, *, direct: bool, device: torch.device,
+             scratch: dict | None = None) -> list:
     """Launch one described kernel: outputs not given by the caller (split-KV partials) are
-    allocated here; arrays go by position, everything else by keyword, as described."""
-    outputs = [
-        env[o.array] if o.array in env else torch.empty(o.shape, dtype=_TORCH_DTYPES[o.dtype], device=device)
-        for o in launch.outputs
-    ]
+    allocated here, or taken from ``scratch`` (a plan's buffers, kept between calls: later
+    launches on the stream use them after earlier ones, in stream order); arrays go by
+    position, everything else by keyword, as described."""
+    outputs = []
+    for o in launch.outputs:
+        array = env.get(o.array)
+        if array is None and scratch is not None:
+            array = scratch.get(o.array)
+        if array is None:
+            array = torch.empty(o.shape, dtype=_TORCH_DTYPES[o.dtype], device=device)
+            if scratch is not None:
+                scratch[o.array] = array
+        outputs.append(array)
     if direct and FAST_LAUNCH and not INTERPRETED:
         _fast_launch(launch, (*inputs, *outputs), device)
     else:
@@ -133,20 +142,37 @@ def launch_unified_attention(
     (when ``store_lse``) ``lse`` [T, H_q] fp32. ``num_kv_splits`` 0 = planner's choice.
     ``direct``: launch the raw Triton kernels (eager calls outside the op dispatcher; the
     op itself always runs with the default False)."""
-    launches = unified_attention_launches(
-        q_shape=tuple(q.shape), dtype=dtype_str(q.dtype), cache_shape=tuple(k_cache.shape),
-        num_seqs=seq_lens.shape[0], n=n, m=m, dense_sink_tokens=dense_sink_tokens,
-        dense_recent_tokens=dense_recent_tokens, sparse_decode=sparse_decode, causal=causal,
-        softmax_scale=softmax_scale, window=window, softcap=softcap,
-        max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, store_lse=store_lse,
-        num_kv_splits=num_kv_splits or None, num_sms=num_sms(q.device), interpret=INTERPRETED,
-        q_strides=tuple(q.stride()), k_cache_strides=tuple(k_cache.stride()),
-        v_cache_strides=tuple(v_cache.stride()), block_table_strides=tuple(block_table.stride()),
-        out_strides=tuple(out.stride()),
+    _launch_unified(
+        None, q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, out, lse, n, m, dense_sink_tokens,
+        dense_recent_tokens, sparse_decode, causal, softmax_scale, window, softcap, max_seqlen_q, max_seqlen_k,
+        num_kv_splits, store_lse, direct,
     )
+
+
+def _launch_unified(state, q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, out, lse, n, m,
+                    dense_sink_tokens, dense_recent_tokens, sparse_decode, causal, softmax_scale, window, softcap,
+                    max_seqlen_q, max_seqlen_k, num_kv_splits, store_lse, direct) -> None:
+    """:func:`launch_unified_attention`; ``state``: None, or a plan's dict (``torch_ops.api``)
+    that keeps the launch description and the scratch outputs of its call form between calls."""
+    launches = None if state is None else state.get("launches")
+    if launches is None:
+        launches = unified_attention_launches(
+            q_shape=tuple(q.shape), dtype=dtype_str(q.dtype), cache_shape=tuple(k_cache.shape),
+            num_seqs=seq_lens.shape[0], n=n, m=m, dense_sink_tokens=dense_sink_tokens,
+            dense_recent_tokens=dense_recent_tokens, sparse_decode=sparse_decode, causal=causal,
+            softmax_scale=softmax_scale, window=window, softcap=softcap,
+            max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, store_lse=store_lse,
+            num_kv_splits=num_kv_splits or None, num_sms=num_sms(q.device), interpret=INTERPRETED,
+            q_strides=tuple(q.stride()), k_cache_strides=tuple(k_cache.stride()),
+            v_cache_strides=tuple(v_cache.stride()), block_table_strides=tuple(block_table.stride()),
+            out_strides=tuple(out.stride()),
+        )
+        if state is not None:
+            state["launches"] = launches
     arrays = dict(q=q, k_cache=k_cache, v_cache=v_cache, block_table=block_table,
                   cu_seqlens_q=cu_seqlens_q, seq_lens=seq_lens, out=out, lse=lse)
-    run_launches(launches, arrays, functools.partial(_run_one, direct=direct, device=q.device))
+    scratch = None if state is None else state.setdefault("scratch", {})
+    run_launches(launches, arrays, functools.partial(_run_one, direct=direct, device=q.device, scratch=scratch))
 
 
 def launch_write_kv_cache(

@@ -24,7 +24,7 @@ from sparse24.validation import (
     prepare_unified_attention,
 )
 
-from ._launch import launch_unified_attention, launch_write_kv_cache  # importing registers the ops
+from ._launch import _launch_unified, launch_write_kv_cache  # importing registers the ops
 
 
 def _eager(*tensors: torch.Tensor) -> bool:
@@ -67,6 +67,7 @@ def _dispatch(
     num_kv_splits: int | None,
     return_lse: bool,
     host_metadata=None,
+    state: dict | None = None,
 ):
     """Run checked inputs on a resolved backend (no validation here). ``q [T, H_q, D]``,
     caches ``[num_blocks, block_size, H_kv, D]``, ``block_table [B, max_blocks]``,
@@ -89,8 +90,12 @@ def _dispatch(
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if return_lse:
         lse = torch.empty((num_tokens, num_q_heads), dtype=torch.float32, device=q.device)
+    elif state is not None and "no_lse" in state:
+        lse = state["no_lse"]  # the kernel never writes it (STORE_LSE off)
     else:
         lse = torch.empty((1, 1), dtype=torch.float32, device=q.device)
+        if state is not None:
+            state["no_lse"] = lse
     if num_tokens > 0:
         args = (
             q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, out, lse,
@@ -99,7 +104,7 @@ def _dispatch(
             int(max_seqlen_q), int(max_seqlen_k), int(num_kv_splits or 0), return_lse,
         )
         if _eager(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, out):
-            launch_unified_attention(*args, direct=True)
+            _launch_unified(state, *args, True)
         else:
             torch.ops.sparse24.unified_attention(*args)
     return (out, lse) if return_lse else out
@@ -183,12 +188,19 @@ def unified_attention(
         >>> unified_attention(q, kc, vc, bt, cu, kv, backend="reference").shape
         torch.Size([5, 4, 64])
     """
-    plan = plan_unified_attention(
-        q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, config=config, causal=causal,
-        softmax_scale=softmax_scale, window=window, softcap=softcap, return_lse=return_lse, out=out,
-        max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, num_kv_splits=num_kv_splits, backend=backend,
+    prepared = prepare_unified_attention(
+        q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, framework="torch", config=config,
+        causal=causal, softmax_scale=softmax_scale, window=window, softcap=softcap, return_lse=return_lse,
+        out=out, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, num_kv_splits=num_kv_splits,
+        read_metadata=lambda: _host_metadata(cu_seqlens_q, seq_lens, block_table),
     )
-    return plan(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, out=out)
+    chosen = resolve_backend(backend, "torch", on_gpu=q.device.type == "cuda")
+    # the plan's path without a plan object (torch.compile traces this function; a plan is for eager reuse)
+    return _dispatch(
+        chosen, q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, out=out, config=prepared.config,
+        options=prepared.options, max_seqlen_q=prepared.max_seqlen_q, max_seqlen_k=prepared.max_seqlen_k,
+        num_kv_splits=prepared.num_kv_splits, return_lse=prepared.return_lse, host_metadata=prepared.metadata,
+    )
 
 
 class UnifiedAttentionPlan:
@@ -199,14 +211,17 @@ class UnifiedAttentionPlan:
     again. The caller vouches that they have the shapes, strides, dtypes and device of the
     arrays the plan was made from (and, where the plan was made without maxima, the same
     metadata values). ``sparse24.hf`` plans once per forward pass and shape, and runs the plan
-    in every layer: the checks cost more host time than a decode step's kernel.
+    in every layer: the checks cost more host time than a decode step's kernel. Compiled
+    eager launches keep the launch description and their scratch buffers (split-KV partials)
+    in the plan between calls, so run one plan on one CUDA stream at a time.
     """
 
-    __slots__ = ("backend", "prepared")
+    __slots__ = ("backend", "prepared", "state")
 
     def __init__(self, backend: str, prepared):
         self.backend = backend
         self.prepared = prepared
+        self.state: dict = {}  # direct launches: the launch description and scratch buffers of this form
 
     def __call__(self, q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, *, out=None):
         """Run the planned call; returns ``out`` [T, H_q, D] or ``(out, lse)`` as planned."""
@@ -214,7 +229,7 @@ class UnifiedAttentionPlan:
         return _dispatch(
             self.backend, q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, out=out, config=p.config,
             options=p.options, max_seqlen_q=p.max_seqlen_q, max_seqlen_k=p.max_seqlen_k,
-            num_kv_splits=p.num_kv_splits, return_lse=p.return_lse, host_metadata=p.metadata,
+            num_kv_splits=p.num_kv_splits, return_lse=p.return_lse, host_metadata=p.metadata, state=self.state,
         )
 
 
@@ -239,8 +254,10 @@ def plan_unified_attention(
     backend: str = "auto",
 ) -> UnifiedAttentionPlan:
     """Check a :func:`unified_attention` call once (same arguments, same errors) and return
-    its :class:`UnifiedAttentionPlan`; ``unified_attention(...)`` is
-    ``plan_unified_attention(...)(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, out=out)``."""
+    its :class:`UnifiedAttentionPlan`; ``plan_unified_attention(...)(q, k_cache, v_cache,
+    block_table, cu_seqlens_q, seq_lens, out=out)`` computes what ``unified_attention(...)``
+    computes (which runs the same check and dispatch without a plan object, so torch.compile
+    traces it)."""
     prepared = prepare_unified_attention(
         q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, framework="torch", config=config,
         causal=causal, softmax_scale=softmax_scale, window=window, softcap=softcap, return_lse=return_lse,
