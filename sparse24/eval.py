@@ -493,10 +493,18 @@ def _fill(text: str) -> str:
     return textwrap.fill(text, width=88)
 
 
-def build_parser(prog: str = "sparse24 eval") -> argparse.ArgumentParser:
+def build_parser(prog: str = "sparse24 eval", *, plan_command: bool = False) -> argparse.ArgumentParser:
+    """eval's options; ``plan_command``: ``sparse24 plan``'s (eval's, without --per-layer /
+    --plot / --plan, plus --budget / --out / --modelopt: sparse24.plan)."""
+    description = _DESCRIPTION if not plan_command else (
+        "Which layers to sparsify under a perplexity budget: the per-layer sensitivities of one N:M config "
+        "(the first --sparsity, default " + DEFAULT_PER_LAYER_SPARSITY + "), layers added greedily from the least "
+        "sensitive while the predicted increase stays within --budget, then a check run of the plan itself "
+        "(dropping layers while the measured increase exceeds the budget). Writes a JSON plan that "
+        "sparse24.hf.sparsify and sparse24 eval --plan take, and with --modelopt ModelOpt's sparse_cfg.")
     parser = _Parser(
         prog=prog,
-        description=_fill(_DESCRIPTION),
+        description=_fill(description),
         epilog="\n\n".join(_fill(p) for p in _EPILOG),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -509,7 +517,8 @@ def build_parser(prog: str = "sparse24 eval") -> argparse.ArgumentParser:
                              f"{DEFAULT_SPARSITY}, i.e. 64 dense recent keys; with --per-layer: "
                              f"{DEFAULT_PER_LAYER_SPARSITY})")
     parser.add_argument("--contexts", type=_int_at_least(2), nargs="+", default=list(DEFAULT_CONTEXTS), metavar="L",
-                        help="window lengths (stride L/2); default: 512 1024")
+                        help="window lengths (stride L/2); default: "
+                             f"{' '.join(str(c) for c in DEFAULT_CONTEXTS)} (sparse24 plan: the first only)")
     parser.add_argument("--text", default=None, metavar="PATH",
                         help="evaluate on this UTF-8 text file instead of the built-in corpus (the built-in one "
                              "is the running Python's pydoc_data.topics, which changes between Python versions); "
@@ -526,14 +535,24 @@ def build_parser(prog: str = "sparse24 eval") -> argparse.ArgumentParser:
                              "interpret = the Triton kernel in Triton's CPU interpreter (very slow)")
     parser.add_argument("--threads", type=_int_at_least(1), default=None, metavar="N",
                         help="torch CPU threads, N >= 1 (default: the CPUs this process may use)")
-    parser.add_argument("--compare-sdpa", action="store_true",
-                        help="also print the dense perplexity with transformers' own sdpa attention")
-    parser.add_argument("--per-layer", action="store_true",
-                        help="sensitivity sweep instead of the table: perplexity change when only layer L uses the "
-                             f"first --sparsity config (default {DEFAULT_PER_LAYER_SPARSITY}), first --contexts "
-                             f"value, budget {DEFAULT_PER_LAYER_TOKENS} tokens by default")
-    parser.add_argument("--plot", default=None, metavar="PNG",
-                        help="--per-layer: write the chart here (default: sparse24-per-layer.png; needs matplotlib)")
+    if not plan_command:
+        parser.add_argument("--compare-sdpa", action="store_true",
+                            help="also print the dense perplexity with transformers' own sdpa attention")
+    if plan_command:
+        from sparse24.plan import add_arguments
+
+        add_arguments(parser)
+    else:
+        parser.add_argument("--per-layer", action="store_true",
+                            help="sensitivity sweep instead of the table: perplexity change when only layer L uses "
+                                 f"the first --sparsity config (default {DEFAULT_PER_LAYER_SPARSITY}), first "
+                                 f"--contexts value, budget {DEFAULT_PER_LAYER_TOKENS} tokens by default")
+        parser.add_argument("--plot", default=None, metavar="PNG",
+                            help="--per-layer: write the chart here (default: sparse24-per-layer.png; needs "
+                                 "matplotlib)")
+        parser.add_argument("--plan", default=None, metavar="JSON",
+                            help="also evaluate this per-layer plan (from sparse24 plan; a sparse24 plan JSON or "
+                                 "ModelOpt's sparse_cfg JSON) as one more row")
     parser.add_argument("--json", default=None, metavar="PATH",
                         help="write the results as JSON, with the library version, git commit, date, device and "
                              "the exact config strings")
@@ -611,9 +630,11 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def main(argv: list[str] | None = None, *, prog: str = "sparse24 eval") -> int:
-    parser = build_parser(prog)
+def main(argv: list[str] | None = None, *, prog: str = "sparse24 eval", plan_command: bool = False) -> int:
+    parser = build_parser(prog, plan_command=plan_command)
     args = parser.parse_args(argv)
+    if plan_command:  # the search runs the per-layer sweep first
+        args.per_layer, args.plot, args.plan, args.compare_sdpa = True, None, None, False
 
     from sparse24 import SparsityConfig
 
@@ -647,8 +668,14 @@ def main(argv: list[str] | None = None, *, prog: str = "sparse24 eval") -> int:
             parser.error(f"--text {args.text} is empty (expected UTF-8 prose of at least {MIN_TOKENS} tokens)")
     if args.plot and not args.per_layer:
         parser.error("--plot goes with --per-layer")
-    plot_path = args.plot or ("sparse24-per-layer.png" if args.per_layer else None)
-    if args.per_layer:
+    plot_path = args.plot or ("sparse24-per-layer.png" if args.per_layer and not plan_command else None)
+    plan_data = None
+    if args.plan is not None:
+        try:
+            plan_data = json.loads(pathlib.Path(args.plan).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            parser.error(f"--plan {args.plan}: cannot read a JSON plan: {exc}")
+    if args.per_layer and not plan_command:
         try:
             _require_matplotlib()
         except ImportError as exc:
@@ -721,7 +748,37 @@ def main(argv: list[str] | None = None, *, prog: str = "sparse24 eval") -> int:
         report["gpu"] = report["device_name"]
 
     start = time.time()
-    if args.per_layer:
+    if plan_command:
+        import sparse24.hf
+        from sparse24 import plan as plans
+
+        context = args.contexts[0]
+        n_layers = len(sparse24.hf._attention_modules(model))
+        progress = _Progress(len(windows(len(tokens), context)) * (n_layers + 1), "plan sweep",
+                             enabled=not args.no_progress)
+        try:
+            plan, rows = plans.search(model, tokens, context, configs[0], args.budget, backend=args.backend,
+                                      progress=progress)
+        finally:
+            progress.close()
+        plan.search.update({"model": str(model_name), "corpus": corpus})
+        print(f"per-layer sensitivity: only layer L uses {config_label(configs[0])}, context {context}")
+        print(format_per_layer(rows[: n_layers + 1]))
+        s = plan.search
+        print(f"plan: {len(plan.layers)} of {n_layers} layers sparse ({sorted(plan.layers)}); predicted "
+              f"{s['predicted_pct']:+.2f}%, measured {s['measured_pct']:+.2f}% (budget {args.budget:.2f}%)")
+        print(f"plan: {plan.save(args.out)}")
+        report["plan"] = plan.to_json()
+        if args.modelopt:
+            try:
+                cfg = plans.to_modelopt(plan, plans.attention_module_names(model))
+            except ValueError as exc:
+                print(f"{prog}: error: --modelopt: {exc}", file=sys.stderr)
+                return 2
+            path = pathlib.Path(args.modelopt)
+            path.write_text(json.dumps(cfg, indent=2) + "\n")
+            print(f"modelopt sparse_cfg: {path}")
+    elif args.per_layer:
         context = args.contexts[0]
         import sparse24.hf
 
@@ -744,13 +801,25 @@ def main(argv: list[str] | None = None, *, prog: str = "sparse24 eval") -> int:
             report["per_layer"]["plot"] = str(written)
     else:
         all_configs = [SparsityConfig.dense()] + configs
+        names = ["dense"] + [config_label(c) for c in configs]
+        if plan_data is not None:
+            from sparse24 import plan as plans
+
+            try:
+                plan = _read_plan(plans, plan_data, model)
+            except (TypeError, ValueError) as exc:
+                print(f"{prog}: error: --plan {args.plan}: {exc}", file=sys.stderr)
+                return 2
+            all_configs.append(plan.for_sparsify())
+            names.append(f"plan: {len(plan.layers)}/{plan.num_layers} layers")
+            report["plan"] = plan.to_json()
         total = sum(len(windows(len(tokens), c)) for c in args.contexts) * len(all_configs)
         progress = _Progress(total, "eval", enabled=not args.no_progress)
         results = []
         try:
             for context in args.contexts:
                 results += evaluate(model, tokens, context, all_configs, backend=args.backend, progress=progress,
-                                    names=["dense"] + [config_label(c) for c in configs])
+                                    names=names)
         finally:
             progress.close()
         print(format_table(results))
@@ -772,6 +841,17 @@ def main(argv: list[str] | None = None, *, prog: str = "sparse24 eval") -> int:
         path.write_text(json.dumps(report, indent=2) + "\n")
         print(f"json: {path}")
     return 0
+
+
+def _read_plan(plans, data, model):
+    """A sparse24 plan or a ModelOpt sparse_cfg, checked against the model's layers."""
+    names = plans.attention_module_names(model)
+    if isinstance(data, dict) and data.get("format") == plans.FORMAT:
+        plan = plans.Plan.from_json(data)
+        if plan.num_layers != len(names):
+            raise ValueError(f"the plan is for {plan.num_layers} attention layers, the model has {len(names)}")
+        return plan
+    return plans.from_modelopt(data, names)
 
 
 if __name__ == "__main__":  # pragma: no cover

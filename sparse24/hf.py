@@ -580,12 +580,14 @@ def sparsify(model: torch.nn.Module, config, *, backend: str = "auto") -> torch.
     Args:
       model: a transformers model using ``attn_implementation="sparse24"``.
       config: a ``SparsityConfig`` for all layers, or ``{layer_index: SparsityConfig | None}``
-        (None = dense; layers not named are dense).
+        (None = dense; layers not named are dense), or a ``sparse24.plan.Plan``.
       backend: "auto" | "triton" | "interpret" | "reference" for the attention op.
     """
     from sparse24.backends import check_backend_name
 
     check_backend_name(backend)
+    if hasattr(config, "for_sparsify"):  # a sparse24.plan.Plan
+        config = config.for_sparsify()
     candidates = _candidate_modules(model)
     if not candidates:
         named = sorted({type(m).__name__ for m in model.modules() if type(m).__name__.endswith("Attention")})

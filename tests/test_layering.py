@@ -25,7 +25,7 @@ FOLDERS = {"sparse24": "sparse24", "kernels": "sparse24.kernels", "torch_ops": "
 KERNELS = {"sparse24.kernels"}
 FOUNDATION = {f"sparse24.{m}" for m in ("config", "validation", "backends", "layouts", "reference", "jax_reference")}
 OPS = {"sparse24.torch_ops", "sparse24.jax_ops"}
-INTEGRATIONS = {f"sparse24.{m}" for m in ("hf", "hf_families", "flax", "eval", "demo", "models", "testing", "__main__")}
+INTEGRATIONS = {f"sparse24.{m}" for m in ("hf", "hf_families", "flax", "eval", "plan", "demo", "models", "testing", "__main__")}
 FLOOR = {**{m: 1 for m in KERNELS}, **{m: 2 for m in FOUNDATION}, **{m: 3 for m in OPS},
          **{m: 4 for m in INTEGRATIONS}, "sparse24": 2}  # the package root exports SparsityConfig only
 

@@ -83,5 +83,6 @@ def test_readme_main_job_installs_like_ci_then_runs_eval():
     ci = _ci_command()
     main = [code.strip() for _, code in BASH_BLOCKS if not code.strip().endswith("pytest")]
     assert ci.endswith(" && pytest") and '".[test]"' in ci, ci
-    expected = ci[: -len(" && pytest")].replace('".[test]"', '".[hf]"') + " && sparse24 eval"
+    # the main job installs the package regularly (not -e): a clone named sparse24 cannot shadow it
+    expected = ci[: -len(" && pytest")].replace('-e ".[test]"', '".[hf]"') + " && sparse24 eval"
     assert main == [expected], f"README's main job {main} is not {expected!r}"
