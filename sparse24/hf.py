@@ -12,6 +12,7 @@ a padded batch selects exactly what each sequence alone selects.
     model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sparse24")
     sparse24.hf.sparsify(model, SparsityConfig.parse("2:4,recent=64"))    # all layers
     sparse24.hf.sparsify(model, {0: None, 5: SparsityConfig()})           # layer 5 only
+    sparse24.hf.sparsify(model, sparse24.plan.Plan.load("plan.json"))      # a `sparse24 plan`
     sparse24.hf.dense(model)                                                # plain attention
     model.generate(ids, attention_mask=mask, cache_implementation="static")  # CUDA graphs on a GPU
 
@@ -31,9 +32,15 @@ sequences, or-ed / bidirectional blocks, unknown functions) raises at the first 
 V's layout differs from K's (MLA families with batch >= 2) V is copied into K's page structure,
 once per layer and forward: a cost, not a silent change.
 
+Also refused, with the reason: ALiBi or other position biases, linear attention, modules that
+compute attention themselves, attention-free models, learned sparse-attention indexers, MLA
+value heads of another head_dim, head_dim > 256 (``sparse24.hf_families`` sweeps every family).
+
 The hot path reads nothing on the host: the layout (``sparse24.layouts``) is built on the
 device once per forward pass and shared by all layers, with static upper bounds for the
-kernel's maxima. The one host read is at a prefill (``q_len > 1``) with a mask, once per
+kernel's maxima; the op's contract is checked once per call form
+(``torch_ops.plan_unified_attention``), and eager decode steps pack queries and unpack outputs
+by views. The one host read is at a prefill (``q_len > 1``) with a mask, once per
 forward: a padding mask with holes raises a ValueError there. A decode step cannot raise
 without a sync: a row whose mask has holes outputs NaN (never silently wrong). Under
 ``torch.compile`` / CUDA graph capture there is no host read at all (holes give NaN).
