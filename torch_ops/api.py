@@ -188,13 +188,11 @@ def unified_attention(
         >>> unified_attention(q, kc, vc, bt, cu, kv, backend="reference").shape
         torch.Size([5, 4, 64])
     """
-    prepared = prepare_unified_attention(
-        q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, framework="torch", config=config,
-        causal=causal, softmax_scale=softmax_scale, window=window, softcap=softcap, return_lse=return_lse,
-        out=out, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, num_kv_splits=num_kv_splits,
-        read_metadata=lambda: _host_metadata(cu_seqlens_q, seq_lens, block_table),
+    chosen, prepared = _checked(
+        q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, config=config, causal=causal,
+        softmax_scale=softmax_scale, window=window, softcap=softcap, return_lse=return_lse, out=out,
+        max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, num_kv_splits=num_kv_splits, backend=backend,
     )
-    chosen = resolve_backend(backend, "torch", on_gpu=q.device.type == "cuda")
     # the plan's path without a plan object (torch.compile traces this function; a plan is for eager reuse)
     return _dispatch(
         chosen, q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, out=out, config=prepared.config,
@@ -258,13 +256,21 @@ def plan_unified_attention(
     block_table, cu_seqlens_q, seq_lens, out=out)`` computes what ``unified_attention(...)``
     computes (which runs the same check and dispatch without a plan object, so torch.compile
     traces it)."""
+    return UnifiedAttentionPlan(*_checked(
+        q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, config=config, causal=causal,
+        softmax_scale=softmax_scale, window=window, softcap=softcap, return_lse=return_lse, out=out,
+        max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, num_kv_splits=num_kv_splits, backend=backend,
+    ))
+
+
+def _checked(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, *, backend, **options):
+    """The one contract's check (``prepare_unified_attention``) and the resolved backend:
+    (backend, PreparedAttention)."""
     prepared = prepare_unified_attention(
-        q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, framework="torch", config=config,
-        causal=causal, softmax_scale=softmax_scale, window=window, softcap=softcap, return_lse=return_lse,
-        out=out, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, num_kv_splits=num_kv_splits,
-        read_metadata=lambda: _host_metadata(cu_seqlens_q, seq_lens, block_table),
+        q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, framework="torch",
+        read_metadata=lambda: _host_metadata(cu_seqlens_q, seq_lens, block_table), **options,
     )
-    return UnifiedAttentionPlan(resolve_backend(backend, "torch", on_gpu=q.device.type == "cuda"), prepared)
+    return resolve_backend(backend, "torch", on_gpu=q.device.type == "cuda"), prepared
 
 
 def attention(
