@@ -189,18 +189,12 @@ def slot_mask(
     return torch.where(written, base.to(torch.int8), -1)
 
 
-_CUDA: list = []  # [torch.cuda.is_available()], asked once
-
-
 def _can_sync() -> bool:
-    """Host reads are possible (not tracing for torch.compile, not capturing a CUDA graph).
-    Called once per layer call, so it asks the CUDA runtime directly (the public wrappers
-    cost tens of microseconds per call on the decode hot path)."""
-    if torch.compiler.is_compiling():
-        return False
-    if not _CUDA:
-        _CUDA.append(torch.cuda.is_available())
-    return not (_CUDA[0] and torch._C._cuda_isCurrentStreamCapturing())
+    """Host reads are possible (not tracing for torch.compile, not capturing a CUDA graph): the
+    ops' own check, called once per layer call."""
+    from sparse24.torch_ops.api import _can_sync as ops_can_sync
+
+    return ops_can_sync()
 
 
 class _LayoutCache:

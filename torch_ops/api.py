@@ -32,11 +32,18 @@ def _eager(*tensors: torch.Tensor) -> bool:
     return not torch.compiler.is_compiling() and all(type(t) is torch.Tensor for t in tensors)
 
 
+_CUDA: list = []  # [torch.cuda.is_available()], asked once
+
+
 def _can_sync() -> bool:
-    """Host reads are allowed (not tracing for torch.compile, not capturing a CUDA graph)."""
+    """Host reads are allowed (not tracing for torch.compile, not capturing a CUDA graph).
+    Asks the CUDA runtime directly: ``sparse24.hf`` calls it once per layer call, and the
+    public wrappers cost tens of microseconds there."""
     if torch.compiler.is_compiling():
         return False
-    return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+    if not _CUDA:
+        _CUDA.append(torch.cuda.is_available())
+    return not (_CUDA[0] and torch._C._cuda_isCurrentStreamCapturing())
 
 
 def _host_metadata(cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, block_table: torch.Tensor):
