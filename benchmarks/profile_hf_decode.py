@@ -22,6 +22,9 @@ def main() -> None:
     p.add_argument("--prompt", type=int, default=4096)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--cprofile", action="store_true", help="also print the Python functions with the most own time")
+    p.add_argument("--insitu", type=int, default=0,
+                   help="time (perf_counter, no sync) the attention and mask functions inside generate with this "
+                        "many new tokens: host time per decode step spent in each, beside the step's wall time")
     p.add_argument("--generate", type=int, default=0,
                    help="profile model.generate with this many new tokens instead of hand-written decode steps")
     args = p.parse_args()
@@ -38,6 +41,9 @@ def main() -> None:
         model.set_attn_implementation(impl)
         if impl == "sparse24":
             sparse24.hf.dense(model)
+        if args.insitu:
+            _insitu(model, ids, impl, args)
+            continue
         if args.generate:
             _profile_generate(model, ids, impl, args)
             continue
@@ -81,6 +87,68 @@ def main() -> None:
         ka = prof.key_averages()
         print(ka.table(sort_by="self_cuda_time_total", row_limit=12, max_name_column_width=60))
         print(ka.table(sort_by="self_cpu_time_total", row_limit=14, max_name_column_width=60))
+
+
+def _insitu(model, ids, impl: str, args) -> None:
+    """Host time per decode step inside ``generate`` (no profiler): the attention function, the
+    mask function and (sparse24) the layout and the kernel launches, each wrapped in
+    perf_counter; per step = (total of generate(new) - total of generate(1)) / (new - 1)."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    import sparse24.hf as hf
+    import sparse24.torch_ops.api as api
+
+    acc: dict[str, list] = {}
+
+    def timed(name, fn):
+        rec = acc.setdefault(name, [0.0, 0])
+
+        def wrapper(*a, **k):
+            t = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                rec[0] += time.perf_counter() - t
+                rec[1] += 1
+        return wrapper
+
+    name = "sparse24" if impl.startswith("sparse24") else impl
+    patched = [(ALL_ATTENTION_FUNCTIONS._global_mapping, name), (ALL_MASK_ATTENTION_FUNCTIONS._global_mapping, name)]
+    if name == "sparse24":
+        patched += [(vars(hf), "_layout"), (vars(api), "_launch_unified"), (vars(hf), "_can_sync")]
+    saved = [(d, k, d[k]) for d, k in patched]
+    for d, k in patched:
+        d[k] = timed(k if d is vars(hf) or d is vars(api) else ("attention fn" if d is patched[0][0] else "mask fn"),
+                     d[k])
+
+    def gen(new):
+        with torch.no_grad():
+            return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
+                                  min_new_tokens=new, do_sample=False, eos_token_id=None, pad_token_id=0)
+
+    try:
+        new = args.insitu
+        gen(new + 2)
+        res = {}
+        for n in (1, new):
+            for rec in acc.values():
+                rec[0], rec[1] = 0.0, 0
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            gen(n)
+            torch.cuda.synchronize()
+            res[n] = ((time.perf_counter() - t), {k: tuple(v) for k, v in acc.items()})
+        step = (res[new][0] - res[1][0]) / (new - 1) * 1e3
+        print(f"===== {impl} in situ: {step:.2f} ms per decode step (wall difference of {new} and 1 new tokens)")
+        for k in res[new][1]:
+            (t_n, c_n), (t_1, c_1) = res[new][1][k], res[1][1][k]
+            calls = (c_n - c_1) / (new - 1)
+            ms = (t_n - t_1) / (new - 1) * 1e3
+            print(f"  {k:18s} {ms:8.3f} ms/step host  {calls:6.1f} calls/step  {ms / max(calls, 1) * 1e3:8.1f} us/call")
+    finally:
+        for d, k, v in saved:
+            d[k] = v
 
 
 def _profile_generate(model, ids, impl: str, args) -> None:

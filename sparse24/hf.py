@@ -163,10 +163,14 @@ def slot_mask(
     Unlike ``flash_attention_mask`` it never reads the mask on the host (no ``.all()``), and
     its shape does not change from one decode step to the next with a StaticCache (CUDA
     graphs). ``mask_function`` is read for its structure only (see :func:`_mask_function_features`):
-    causal with an optional sliding window; anything else it carries raises rather than being dropped.
+    causal with an optional sliding window; anything else it carries raises rather than being dropped
+    (in eager calls: under torch.compile the structure is not read).
     """
-    if mask_function is not None:
-        _mask_function_features(mask_function)  # refuses what the slot mask would drop
+    if mask_function is not None and not torch.compiler.is_compiling():
+        # refuses what the slot mask would drop; it reads Python closures, which Dynamo cannot
+        # trace, so a compiled forward skips it (generate's prefill, eager, has checked the
+        # same mask structure)
+        _mask_function_features(mask_function)
     filled = q_offset - kv_offset + q_length  # written slots of the layer's cache (int or 0-d tensor)
     all_written = not isinstance(filled, torch.Tensor) and filled >= kv_length
     if attention_mask is None and all_written:

@@ -478,6 +478,29 @@ def test_gpu_static_cache_compiled_generate_equals_eager(config):
     assert not counters["inductor"]["cudagraph_skips"], dict(counters["inductor"])  # CUDA graphs did run
 
 
+@pytest.mark.parametrize("config", [SparsityConfig.dense(), TWO_FOUR], ids=["dense", "2:4"])
+def test_static_cache_generate_traces_fullgraph_on_cpu(config):
+    """The decode step generate compiles (StaticCache, fullgraph=True) traces in one graph here
+    too (Dynamo with the eager backend: no GPU, no C++ compiler), and the compiled generate
+    gives the eager tokens for a left-padded batch: mask function, slot mask, layout, the op.
+    (Under torch 2.11, the GPU image's, Dynamo fails on the slot mask's structure check, which
+    compiled code therefore skips; torch 2.13 traces it.)"""
+    import torch._dynamo
+
+    model = tiny_model("llama")
+    model.set_attn_implementation("sparse24")
+    sparse24.hf.sparsify(model, config)
+    ids, mask = left_padded_batch()
+    kw = dict(max_new_tokens=3, do_sample=False, pad_token_id=0, cache_implementation="static")
+    compile_config = transformers.CompileConfig(fullgraph=True, backend="eager", dynamic=False)
+    compile_config._compile_all_devices = True  # generate compiles on CPU too
+    torch._dynamo.reset()
+    with torch.no_grad():
+        eager = model.generate(ids, attention_mask=mask, disable_compile=True, **kw)
+        compiled = model.generate(ids, attention_mask=mask, compile_config=compile_config, **kw)
+    assert torch.equal(compiled, eager)
+
+
 def test_transformers_does_not_see_a_kernels_package():
     """The repo's kernels/ folder installs as sparse24.kernels, never as a top-level `kernels`
     that transformers' hub-kernels probe could mistake for the HF `kernels` package."""
