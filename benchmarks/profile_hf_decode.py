@@ -25,6 +25,7 @@ def main() -> None:
     p.add_argument("--insitu", type=int, default=0,
                    help="time (perf_counter, no sync) the attention and mask functions inside generate with this "
                         "many new tokens: host time per decode step spent in each, beside the step's wall time")
+    p.add_argument("--cold", action="store_true", help="--insitu: clear sparse24.hf's plans before each generate")
     p.add_argument("--generate", type=int, default=0,
                    help="profile model.generate with this many new tokens instead of hand-written decode steps")
     args = p.parse_args()
@@ -116,11 +117,17 @@ def _insitu(model, ids, impl: str, args) -> None:
     name = "sparse24" if impl.startswith("sparse24") else impl
     patched = [(ALL_ATTENTION_FUNCTIONS._global_mapping, name), (ALL_MASK_ATTENTION_FUNCTIONS._global_mapping, name)]
     if name == "sparse24":
-        patched += [(vars(hf), "_layout"), (vars(api), "_launch_unified"), (vars(hf), "_can_sync")]
+        import sparse24.torch_ops as ops
+        import sparse24.torch_ops._launch as launch
+
+        patched += [(vars(hf), "_layout"), (vars(hf), "_fused_decode_step"), (vars(ops), "plan_unified_attention"),
+                    (vars(api), "_launch_unified"), (vars(launch), "unified_attention_launches"),
+                    (vars(launch), "_fast_launch"), (vars(hf), "_can_sync")]
+    patched.insert(0, (vars(model), "forward"))  # the model's forward (instance attribute), host time
+    model.forward = model.forward
     saved = [(d, k, d[k]) for d, k in patched]
-    for d, k in patched:
-        d[k] = timed(k if d is vars(hf) or d is vars(api) else ("attention fn" if d is patched[0][0] else "mask fn"),
-                     d[k])
+    for i, (d, k) in enumerate(patched):
+        d[k] = timed(("model forward", "attention fn", "mask fn")[i] if i < 3 else k, d[k])
 
     def gen(new):
         with torch.no_grad():
@@ -132,6 +139,9 @@ def _insitu(model, ids, impl: str, args) -> None:
         gen(new + 2)
         res = {}
         for n in (1, new):
+            if args.cold:  # what one generate of new lengths meets: no plan of these call forms yet
+                hf._PLANS.clear()
+                hf._LAYOUTS.clear()
             for rec in acc.values():
                 rec[0], rec[1] = 0.0, 0
             torch.cuda.synchronize()
@@ -140,7 +150,7 @@ def _insitu(model, ids, impl: str, args) -> None:
             torch.cuda.synchronize()
             res[n] = ((time.perf_counter() - t), {k: tuple(v) for k, v in acc.items()})
         step = (res[new][0] - res[1][0]) / (new - 1) * 1e3
-        print(f"===== {impl} in situ: {step:.2f} ms per decode step (wall difference of {new} and 1 new tokens)")
+        print(f"===== {impl} in situ{' (cold plans)' if args.cold else ''}: {step:.2f} ms per decode step (wall difference of {new} and 1 new tokens)")
         for k in res[new][1]:
             (t_n, c_n), (t_1, c_1) = res[new][1][k], res[1][1][k]
             calls = (c_n - c_1) / (new - 1)
@@ -149,6 +159,7 @@ def _insitu(model, ids, impl: str, args) -> None:
     finally:
         for d, k, v in saved:
             d[k] = v
+        del model.forward
 
 
 def _profile_generate(model, ids, impl: str, args) -> None:

@@ -27,6 +27,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from . import planner
 from .kv_cache import write_kv_cache_kernel
+from .mask_layout import decode_mask_layout_kernel
 from .unified_attention import reduce_segments_kernel, unified_attention_kernel
 
 Shape = tuple[int, ...]
@@ -309,6 +310,48 @@ def write_kv_cache_launches(
         num_warps=plan.num_warps,
         num_stages=plan.num_stages,
         aliases=((3, 0), (4, 1)),
+    )
+    return (launch,)
+
+
+@_cached
+def decode_mask_layout_launches(
+    *,
+    mask_shape: Shape,
+    mask_strides: Shape,
+    signed_mask: bool,
+    kv_len: int,
+    pages_per_row: int,
+    out_dtype: str,
+) -> tuple[KernelLaunch, ...]:
+    """The decode layout of a slot mask (``decode_mask_layout_kernel``): input ``mask``
+    [batch, L]; outputs ``block_table`` int32 [batch, max(kv_len, 1)], ``seq_lens`` int32
+    [batch], ``keep`` bool [batch], ``fill`` [batch] in ``out_dtype``.
+
+    Args:
+      mask_shape, mask_strides: the slot mask's; signed_mask: False for a bool mask (every
+        slot < L written), True for a signed one (< 0: not written).
+      kv_len: the cache's slot count; pages_per_row: pages of the one-slot paged view per row.
+      out_dtype: the attention output's dtype name (``fill`` is in it).
+    """
+    batch, mask_len = (int(d) for d in mask_shape)
+    width = max(int(kv_len), 1)
+    plan = planner.plan_decode_mask_layout(batch=batch, mask_len=mask_len, width=width)
+    launch = _launch(
+        decode_mask_layout_kernel,
+        plan.grid,
+        inputs=[("mask_ptr", "mask")],
+        outputs=(OutputSpec("block_table_ptr", "block_table", (batch, width), "int32"),
+                 OutputSpec("seq_lens_ptr", "seq_lens", (batch,), "int32"),
+                 OutputSpec("keep_ptr", "keep", (batch,), "bool"),
+                 OutputSpec("fill_ptr", "fill", (batch,), out_dtype)),
+        keywords=dict(
+            mask_len=mask_len, kv_len=int(kv_len), width=width, pages_per_row=int(pages_per_row),
+            stride_mask_row=int(mask_strides[0]), stride_mask_slot=int(mask_strides[1]), stride_bt_row=width,
+            SIGNED_MASK=bool(signed_mask), BLOCK_L=plan.block_l,
+        ),
+        num_warps=plan.num_warps,
+        num_stages=plan.num_stages,
     )
     return (launch,)
 

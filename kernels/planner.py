@@ -314,3 +314,20 @@ class KVWritePlan:
 def plan_write_kv_cache(*, num_tokens: int, num_kv_heads: int, head_dim: int) -> KVWritePlan:
     """Launch of ``write_kv_cache_kernel``: one program per (token, KV head)."""
     return KVWritePlan(head_dim_pad=max(16, next_power_of_2(head_dim)), grid=(num_tokens, num_kv_heads))
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskLayoutPlan:
+    """Launch of ``decode_mask_layout_kernel``: one program per batch row, walking the mask
+    and the block table in chunks of ``block_l`` slots."""
+
+    block_l: int
+    grid: tuple[int]
+    num_warps: int = 4
+    num_stages: int = 1
+
+
+def plan_decode_mask_layout(*, batch: int, mask_len: int, width: int) -> MaskLayoutPlan:
+    """One program per row (a decode batch is small; each program reads L <= width slots and
+    writes width pages), chunks of up to 1024 slots."""
+    return MaskLayoutPlan(block_l=min(1024, max(16, next_power_of_2(max(mask_len, width)))), grid=(batch,))

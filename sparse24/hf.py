@@ -270,13 +270,40 @@ def _decode_step(layout: _layouts.MaskLayout, batch: int, dtype: torch.dtype) ->
     return _Step(layout, keep, fill)
 
 
+_ARANGES: dict = {}  # (batch, device) -> int32 [batch + 1] 0..batch (read-only decode cu_seqlens_q)
+
+
+def _kernels_build_layouts(backend: str, device: torch.device) -> bool:
+    """The layer's backend runs the Triton kernels (compiled on CUDA, or interpreted): then
+    they build the decode layout too; the reference backend keeps to torch."""
+    from sparse24.backends import resolve_backend
+
+    return resolve_backend(backend, "torch", on_gpu=device.type == "cuda") != "reference"
+
+
+def _fused_decode_step(mask: torch.Tensor, batch: int, kv_len: int, pages_per_row: int, dtype: torch.dtype) -> _Step:
+    """:func:`_decode_step` of :func:`sparse24.layouts.padding_mask_layout_torch` in one kernel
+    launch (``torch_ops.decode_mask_layout``): the same block table, lengths and fix-up."""
+    from sparse24.torch_ops import decode_mask_layout
+
+    block_table, seq_lens, keep, fill = decode_mask_layout(mask, kv_len=kv_len, pages_per_row=pages_per_row,
+                                                           out_dtype=dtype)
+    cu = _ARANGES.get((batch, mask.device))
+    if cu is None:
+        cu = _ARANGES[(batch, mask.device)] = torch.arange(batch + 1, dtype=torch.int32, device=mask.device)
+    layout = _layouts.MaskLayout(block_table, cu, seq_lens, None, None, None, None, 1, block_table.shape[1])
+    return _Step(layout, keep.view(batch, 1, 1, 1), fill.view(batch, 1, 1, 1))
+
+
 def _layout(attention_mask, position_ids, *, batch: int, q_len: int, kv_len: int, pages_per_row: int,
             sliding: bool, config: SparsityConfig, device: torch.device, dtype: torch.dtype,
-            can_sync: bool | None = None) -> _Step:
+            can_sync: bool | None = None, backend: str = "reference") -> _Step:
     """The layout of this forward pass: built on the device by the first layer, reused by the
     others. A prefill (q_len > 1) that builds a layout for a mask reads one flag pair on the
     host (one sync per forward): a mask with holes raises there, and an all-real batch skips
-    the query gather. Decode steps never sync: a row with holes outputs NaN instead."""
+    the query gather. Decode steps never sync: a row with holes outputs NaN instead. An eager
+    decode step whose ``backend`` runs the Triton kernels builds its layout in one launch
+    (:func:`_fused_decode_step`; not for a sliding layer with ``position_ids``)."""
     positions = position_ids if sliding else None
     key = (batch, q_len, kv_len, pages_per_row, str(device), dtype,
            (config.m, config.dense_sink_tokens, positions is not None) if sliding else None)
@@ -285,6 +312,11 @@ def _layout(attention_mask, position_ids, *, batch: int, q_len: int, kv_len: int
         step = _LAYOUTS.get(key, attention_mask, positions)
         if step is not None:
             return step
+    if (q_len == 1 and cacheable and attention_mask is not None and positions is None
+            and _kernels_build_layouts(backend, device)):
+        step = _fused_decode_step(attention_mask, batch, kv_len, pages_per_row, dtype)
+        _LAYOUTS.put(key, attention_mask, positions, step)
+        return step
     layout = _layouts.padding_mask_layout_torch(
         attention_mask, batch, q_len, kv_len, pages_per_row=pages_per_row, device=device,
         position_ids=positions, sliding=sliding, m=config.m, dense_sink_tokens=config.dense_sink_tokens,
@@ -336,6 +368,32 @@ class _Plans:
 _PLANS = _Plans()
 
 
+class _DirectCalls:
+    """Eager decode steps: after a step's first layer, the others of the same call form (and
+    the same mask object) launch the compiled kernels directly (``UnifiedAttentionPlan.direct``)
+    into a scratch output, which the fix-up ``where`` copies: (mask, its version counter, step,
+    launches, out) by key; a few entries (hybrid models alternate two forms). Not for sliding
+    layers (their layout also depends on ``position_ids``)."""
+
+    def __init__(self, size: int = 4):
+        self.size = size
+        self.entries: dict = {}
+
+    def get(self, key):
+        return self.entries.get(key)
+
+    def put(self, key, value) -> None:
+        if len(self.entries) >= self.size:
+            del self.entries[next(iter(self.entries))]
+        self.entries[key] = value
+
+    def clear(self) -> None:
+        self.entries.clear()
+
+
+_DIRECT = _DirectCalls()
+
+
 def attention_forward(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -379,14 +437,26 @@ def attention_forward(
                 f"attention_mask must have shape [batch, L] with batch = {batch} and 1 <= L <= kv_len = {kv_len} "
                 f"(the key/value length), got {list(attention_mask.shape)}"
             )
+    can_sync = _can_sync()
+    direct_key = None
+    if q_len == 1 and can_sync and not window:  # an eager decode step: the layers after the first launch directly
+        direct_key = (query.shape, query.stride(), key.shape, key.stride(), value.shape, value.stride(), query.dtype,
+                      key.dtype, value.dtype, query.device, id(config), backend, causal, window, softcap, scaling,
+                      id(attention_mask))
+        direct = _DIRECT.get(direct_key)
+        if direct is not None and direct[0] is attention_mask and direct[1] == attention_mask._version:
+            _, _, step, launch, out = direct
+            layout = step.layout
+            if launch(query, key, value, layout.block_table, layout.cu_seqlens_q, layout.seq_lens, out):
+                return torch.where(step.keep, out, step.fill), None
     k_cache, pages_per_row = _paged_view(key)
     v_cache, v_pages_per_row = _paged_view(value)
-    if v_pages_per_row != pages_per_row:
+    copied_value = v_pages_per_row != pages_per_row
+    if copied_value:
         v_cache = _paged_view(_in_layout_of(value, pages_per_row))[0]
-    can_sync = _can_sync()
     step = _layout(attention_mask, kwargs.get("position_ids"), batch=batch, q_len=q_len, kv_len=kv_len,
                    pages_per_row=pages_per_row, sliding=bool(window), config=config, device=query.device,
-                   dtype=query.dtype, can_sync=can_sync)
+                   dtype=query.dtype, can_sync=can_sync, backend=backend)
     layout = step.layout
 
     q_rows = query.transpose(1, 2)  # [B, Lq, H, D]
@@ -404,6 +474,14 @@ def attention_forward(
         plan = _PLANS.get(form, lambda: plan_unified_attention(q_packed, k_cache, v_cache, *tables, out=out_packed,
                                                                **options))
         plan(q_packed, k_cache, v_cache, *tables, out=out_packed)
+        if (direct_key is not None and step.keep is not None and not copied_value
+                and q_packed.data_ptr() == query.data_ptr() and k_cache.data_ptr() == key.data_ptr()
+                and v_cache.data_ptr() == value.data_ptr()):
+            launch = plan.direct(q_packed, k_cache, v_cache, *tables, out_packed)
+            if launch is not None:  # the next layers' calls of this step: out is scratch (where copies it)
+                _DIRECT.put(direct_key, (attention_mask, attention_mask._version, step, launch,
+                                         torch.empty((batch, 1, num_q_heads, head_dim), dtype=query.dtype,
+                                                     device=query.device)))
     else:  # traced: no cache (the trace runs once)
         unified_attention(q_packed, k_cache, v_cache, *tables, out=out_packed, **options)
     out = _layouts.unpack_padded_torch(buffer, layout, (batch, q_len, num_q_heads, head_dim))

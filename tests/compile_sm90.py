@@ -19,6 +19,8 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from sparse24.kernels import (
+    decode_mask_layout_kernel,
+    plan_decode_mask_layout,
     plan_unified_attention,
     plan_write_kv_cache,
     reduce_segments_kernel,
@@ -185,8 +187,24 @@ def main() -> int:
                          num_stages=plan.num_stages),
                     f"write_kv_cache {dtype} D={head_dim}")
         count += 1
+    for mask_type, out_dtype in (("*i1", "bfloat16"), ("*i8", "float16"), ("*i64", "float32"), ("*fp32", "bfloat16")):
+        count += compile_mask_layout(mask_type, out_dtype)
     print(f"compiled {count} specializations for sm_90")
     return 0
+
+
+def compile_mask_layout(mask_type: str, out_dtype: str) -> int:
+    """``decode_mask_layout_kernel`` for a slot mask of ``mask_type`` (bool: unsigned)."""
+    plan = plan_decode_mask_layout(batch=8, mask_len=4096, width=4097)
+    constexprs = dict(SIGNED_MASK=mask_type != "*i1", BLOCK_L=plan.block_l)
+    sig = {name: "i32" for name in decode_mask_layout_kernel.arg_names}
+    sig.update(mask_ptr=mask_type, block_table_ptr="*i32", seq_lens_ptr="*i32", keep_ptr="*i1",
+               fill_ptr="*" + TRITON_DTYPE[out_dtype], **{k: "constexpr" for k in constexprs})
+    src = ASTSource(fn=decode_mask_layout_kernel, signature=sig, constexprs=constexprs)
+    compiled = triton.compile(src, target=TARGET, options={"num_warps": plan.num_warps, "num_stages": plan.num_stages})
+    assert compiled.asm.get("cubin")
+    print(f"ok decode_mask_layout mask {mask_type} fill {out_dtype}", flush=True)
+    return 1
 
 
 def sweep() -> int:

@@ -290,7 +290,14 @@ def count_layout_builds(monkeypatch):
         builds.append(args[2])  # q_len
         return build(*args, **kwargs)
 
+    fused = sparse24.hf._fused_decode_step
+
+    def counting_fused(*args, **kwargs):
+        builds.append(1)  # a decode layout in one launch
+        return fused(*args, **kwargs)
+
     monkeypatch.setattr(sparse24.layouts, "padding_mask_layout_torch", counting)
+    monkeypatch.setattr(sparse24.hf, "_fused_decode_step", counting_fused)
     return builds
 
 
@@ -437,6 +444,81 @@ def test_decode_rows_are_views_with_one_fixup(config):
     torch.testing.assert_close(again, out, equal_nan=True)
 
 
+def _wide_rows(width):
+    rows = [[1] * width for _ in range(5)]
+    rows[1][: width - 700] = [0] * (width - 700)  # left padding across chunks of 1024 slots
+    rows[2][1500] = 0  # a hole in the second chunk
+    rows[3][width - 1] = 0  # right padding: the query slot is padding
+    rows[4] = [0] * width  # nothing real
+    return rows
+
+
+FUSED_CASES = {
+    "bool": ([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1], [0, 0, 0, 0, 0, 1], [1, 1, 0, 1, 1, 1], [1, 1, 1, 1, 0, 0],
+              [0, 0, 0, 0, 0, 0]], torch.bool, 9),
+    "static int8": ([[0, 1, 1, 1, -1, -1], [1, 1, 1, 1, 1, -1], [1, 0, 1, 1, -1, -1], [1, 1, 1, 0, -1, -1],
+                     [-1, -1, -1, -1, -1, -1]], torch.int8, 6),
+    "long": ([[0, 0, 1, 1], [1, 1, 1, 1], [1, 1, 1, 0]], torch.long, 4),
+    "float": ([[0.0, 1.0, 1.0], [1.0, 0.0, 1.0]], torch.float32, 5),
+    "wide bool": (_wide_rows(2500), torch.bool, 2600),
+}
+
+
+@pytest.mark.parametrize("case", FUSED_CASES, ids=list(FUSED_CASES))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_fused_decode_layout_equals_the_torch_layout(case, dtype, kernel_backend):
+    """The one-launch decode layout (``torch_ops.decode_mask_layout``) gives the block table,
+    lengths and fix-up of ``padding_mask_layout_torch`` + ``_decode_step`` for left / right
+    padding, holes, rows with nothing real, StaticCache tails, masks wider than a chunk."""
+    from sparse24.torch_ops import decode_mask_layout
+
+    _, device = kernel_backend
+    codes, mask_dtype, kv_len = FUSED_CASES[case]
+    mask = torch.tensor(codes).to(mask_dtype).to(device)
+    batch, pages_per_row = mask.shape[0], kv_len + 3
+    want = sparse24.hf._decode_step(
+        sparse24.layouts.padding_mask_layout_torch(mask, batch, 1, kv_len, pages_per_row=pages_per_row, device=device),
+        batch, dtype)
+    block_table, seq_lens, keep, fill = decode_mask_layout(mask, kv_len=kv_len, pages_per_row=pages_per_row,
+                                                           out_dtype=dtype)
+    assert block_table.dtype == seq_lens.dtype == torch.int32 and keep.dtype == torch.bool and fill.dtype == dtype
+    torch.testing.assert_close(block_table, want.layout.block_table, rtol=0, atol=0)
+    torch.testing.assert_close(seq_lens, want.layout.seq_lens, rtol=0, atol=0)
+    assert torch.equal(keep, want.keep.flatten())
+    torch.testing.assert_close(fill, want.fill.flatten(), rtol=0, atol=0, equal_nan=True)
+    assert keep.any() and not keep.all()  # every case has rows of both kinds
+
+
+def test_decode_mask_layout_refuses_a_bad_mask():
+    from sparse24.torch_ops import decode_mask_layout
+
+    with pytest.raises(ValueError, match=r"mask must be a tensor \[batch, L\] with 1 <= L <= kv_len = 4, got \[2, 5\]"):
+        decode_mask_layout(torch.ones(2, 5, dtype=torch.bool), kv_len=4, pages_per_row=4, out_dtype=torch.float32)
+
+
+def test_eager_decode_builds_its_layout_in_one_launch(monkeypatch, kernel_backend):
+    """A decode step of a model on the kernels builds the layout once per forward with the
+    fused launch; the reference backend keeps to torch."""
+    from sparse24 import torch_ops
+
+    calls = []
+    real = torch_ops.decode_mask_layout
+    monkeypatch.setattr(torch_ops, "decode_mask_layout", lambda *a, **k: calls.append(1) or real(*a, **k))
+    device = kernel_backend[1]
+    for backend, launches in ((kernel_backend[0], 1), ("reference", 0)):
+        model = tiny_model("llama").to(device)
+        model.set_attn_implementation("sparse24")
+        sparse24.hf.sparsify(model, TWO_FOUR, backend=backend)
+        ids, mask = (t.to(device) for t in left_padded_batch())
+        with torch.no_grad():
+            cache = transformers.DynamicCache(config=model.config)
+            model(ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+            calls.clear()
+            model(ids[:, -1:], attention_mask=torch.cat([mask, mask.new_ones(2, 1)], 1),
+                  past_key_values=cache, use_cache=True)
+        assert len(calls) == launches, backend
+
+
 def test_decode_with_holes_outputs_nan():
     """A decode step cannot raise without a host read: a row whose mask has holes gets NaN
     (the other rows are unaffected)."""
@@ -451,6 +533,37 @@ def test_decode_with_holes_outputs_nan():
         holed[1, -3] = 0
         logits = model(ids[:, -1:], attention_mask=holed, past_key_values=cache, use_cache=True).logits
     assert torch.isnan(logits[1]).all() and torch.isfinite(logits[0]).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", [SparsityConfig.dense(), TWO_FOUR], ids=["dense", "2:4"])
+def test_gpu_direct_decode_launches_equal_the_plan(monkeypatch, config):
+    """Eager decode steps whose later layers launch the compiled kernels directly
+    (``_DIRECT``) give bit-identical logits to steps that run the plan in every layer, for a
+    left-padded batch with a row whose query slot is padding."""
+    model = tiny_model("llama", layers=4).to("cuda")
+    model.set_attn_implementation("sparse24")
+    sparse24.hf.sparsify(model, config, backend="triton")
+    ids, mask = (t.to("cuda") for t in left_padded_batch())
+
+    def decode_logits():
+        with torch.no_grad():
+            cache = transformers.DynamicCache(config=model.config)
+            model(ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+            step_mask = torch.cat([mask, mask.new_ones(2, 1)], 1)
+            step_mask[1, -1] = 0  # row 1's query slot is padding: its output is the fix-up's 0
+            return model(ids[:, -1:], attention_mask=step_mask, past_key_values=cache, use_cache=True).logits
+
+    sparse24.hf._DIRECT.clear()
+    used = []
+    put = sparse24.hf._DIRECT.put
+    monkeypatch.setattr(sparse24.hf._DIRECT, "put", lambda *a: used.append(1) or put(*a))
+    direct = decode_logits()
+    assert used, "the direct path was not taken"
+    monkeypatch.setattr(sparse24.hf._DIRECT, "put", lambda *a: None)
+    sparse24.hf._DIRECT.clear()
+    planned = decode_logits()
+    assert torch.equal(direct, planned)
 
 
 @pytest.mark.gpu

@@ -188,7 +188,49 @@ def test_fast_launch_keeps_the_compiled_kernel_per_alignment(monkeypatch):
     assert kinds == ["jit", "compiled", "jit", "compiled"]
     assert calls[0][3] == {"BLOCK": 16, "n": 8, "num_warps": 4, "num_stages": 1}
     assert calls[1][1] == (4, 1, 1)
-    assert calls[1][2][2:] == (8, 16)  # n, BLOCK: the kernel's order, not the keywords'
+    assert calls[1][2] == (a.data_ptr(), b.data_ptr(), 8, 16)  # pointers as ints; n, BLOCK in the kernel's order
     monkeypatch.setattr(TL, "FAST_LAUNCH", False)
     TL._run_one(launch, [a[:8]], {"b": b}, direct=True, device=device)
     assert calls[-1][0] == "jit"
+
+
+def test_direct_launches_pass_user_arrays_and_fixed_buffers_in_kernel_order(monkeypatch):
+    """``DirectLaunches`` (a plan's compiled kernels, launched without the launch machinery):
+    each kernel gets the data pointers of the seven user arrays and of the plan's fixed buffers
+    where the description puts them, then the trailing arguments; a misaligned array launches
+    nothing (False). (Fake
+    kernels: the real ones are compared on the GPU, tests/test_hf.py.)"""
+    import torch
+
+    from sparse24.torch_ops import _launch as TL
+
+    calls = []
+
+    class Compiled:
+        def __getitem__(self, grid):
+            return lambda *args: calls.append((grid, args))
+
+    class Kernel:
+        arg_names = ["q_ptr", "bt_ptr", "scratch_ptr", "n"]
+
+        def __getitem__(self, grid):
+            return lambda *args, **kw: Compiled()
+
+    launch = L.KernelLaunch(kernel=Kernel(), grid=(2, 3), inputs=(("q_ptr", "q"), ("bt_ptr", "block_table")),
+                            outputs=(L.OutputSpec("scratch_ptr", "segm_acc", (4,), "float32"),),
+                            keywords={"n": 7}, num_warps=4, num_stages=1)
+    monkeypatch.setattr(TL, "INTERPRETED", False)
+    monkeypatch.setattr(TL, "_COMPILED", {})
+    device = torch.device("cpu")
+    q, bt, scratch = torch.zeros(8), torch.zeros(8, dtype=torch.int32), torch.zeros(4)
+    assert TL.DirectLaunches.build([launch], {"segm_acc": scratch}, device, {"q": q.dtype, "block_table": bt.dtype}) \
+        is None  # nothing compiled yet
+    TL._run_one(launch, [q, bt], {"segm_acc": scratch}, direct=True, device=device)
+    direct = TL.DirectLaunches.build([launch], {"segm_acc": scratch}, device, {"q": q.dtype, "block_table": bt.dtype})
+    other = torch.zeros(8)
+    assert direct(q, other, other, bt, other, other, other)
+    grid, args = calls[-1]
+    assert grid == (2, 3, 1) and args == (q.data_ptr(), bt.data_ptr(), scratch.data_ptr(), 7)  # pointers as ints
+    count = len(calls)
+    assert not direct(q[1:], other, other, bt, other, other, other)  # misaligned: the caller takes the plan
+    assert len(calls) == count

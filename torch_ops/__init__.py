@@ -4,6 +4,14 @@ Inference only. Registered with ``torch.library`` as ``torch.ops.sparse24.unifie
 and ``torch.ops.sparse24.write_kv_cache`` (so ``torch.compile`` can trace them).
 """
 
-from .api import UnifiedAttentionPlan, attention, plan_unified_attention, unified_attention, write_kv_cache
+from .api import (
+    UnifiedAttentionPlan,
+    attention,
+    decode_mask_layout,
+    plan_unified_attention,
+    unified_attention,
+    write_kv_cache,
+)
 
-__all__ = ["UnifiedAttentionPlan", "attention", "plan_unified_attention", "unified_attention", "write_kv_cache"]
+__all__ = ["UnifiedAttentionPlan", "attention", "decode_mask_layout", "plan_unified_attention", "unified_attention",
+           "write_kv_cache"]

@@ -21,7 +21,13 @@ import functools
 import torch
 
 from sparse24.backends import kernels_interpreted
-from sparse24.kernels.launch import KernelLaunch, run_launches, unified_attention_launches, write_kv_cache_launches
+from sparse24.kernels.launch import (
+    KernelLaunch,
+    decode_mask_layout_launches,
+    run_launches,
+    unified_attention_launches,
+    write_kv_cache_launches,
+)
 
 
 INTERPRETED = kernels_interpreted()  # decided once per process, before any tracing
@@ -55,7 +61,8 @@ def dtype_str(dtype: torch.dtype) -> str:
     return str(dtype).rsplit(".", 1)[-1]
 
 
-_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+                 "int32": torch.int32, "bool": torch.bool}
 
 
 # Direct launches of compiled kernels reuse Triton's compiled kernel object (its launcher)
@@ -79,14 +86,68 @@ def _fast_launch(launch: KernelLaunch, arrays: tuple, device: torch.device) -> N
         names = launch.kernel.arg_names[len(arrays):]  # the keywords, in the kernel's order
         grid = (*launch.grid, 1, 1)[:3]  # a compiled kernel's launcher takes all three grid sizes
         entry = _COMPILED[id(launch)] = (launch, tuple(launch.keywords[n] for n in names), {}, grid)
-    key = (device.index, *[(a.dtype, a.data_ptr() % 16 == 0) for a in arrays])
+    pointers = [a.data_ptr() for a in arrays]
+    key = (device.index, *[(a.dtype, p % 16 == 0) for a, p in zip(arrays, pointers)])
     compiled = entry[2].get(key)
     if compiled is None:
         entry[2][key] = launch.kernel[launch.grid](
             *arrays, **launch.keywords, num_warps=launch.num_warps, num_stages=launch.num_stages
         )
-    else:
-        compiled[entry[3]](*arrays, *entry[1])
+    else:  # pointers as integers: Triton's launcher then skips a data_ptr() call and a driver query per array
+        compiled[entry[3]](*pointers, *entry[1])
+
+
+_USER_ARRAYS = ("q", "k_cache", "v_cache", "block_table", "cu_seqlens_q", "seq_lens", "out")
+
+
+class DirectLaunches:
+    """The compiled kernels of one planned call, launched with nothing between the caller and
+    Triton's launcher but the argument tuple (``UnifiedAttentionPlan.direct``).
+
+    Built from a plan's state after a direct call ran its launches: the launch description,
+    the compiled kernel each launch kept for all-16-byte-aligned arrays (``_COMPILED``), the
+    scratch partials and the unused-LSE buffer. Calling it with the seven user arrays
+    (``q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, out``) launches every kernel
+    when all seven are 16-byte aligned and returns True; else it launches nothing and returns
+    False (the caller takes the plan's path). The arrays are read by data pointer only, and
+    handed to Triton's launcher as integers (a tensor argument costs the launcher a
+    ``data_ptr()`` call and a driver query each); shapes and strides are the plan's, so a
+    caller may pass the tensor an array is a view of when both have the same data pointer.
+    """
+
+    __slots__ = ("steps", "fixed", "keep_alive")
+
+    def __init__(self, steps, fixed: tuple, keep_alive: tuple):
+        self.steps = steps  # ((runner, slots, trailing), ...): slot = index into (7 user pointers, *fixed)
+        self.fixed = fixed  # the fixed buffers' data pointers
+        self.keep_alive = keep_alive  # the fixed buffers themselves
+
+    @classmethod
+    def build(cls, launches, fixed: dict, device: torch.device, dtypes: dict):
+        steps, names_fixed = [], list(fixed)
+        for launch in launches:
+            entry = _COMPILED.get(id(launch))
+            if entry is None or entry[0] is not launch:
+                return None
+            names = launch.input_arrays + launch.output_arrays
+            key = (device.index, *[(dtypes[n] if n in dtypes else fixed[n].dtype, True) for n in names])  # all aligned
+            compiled = entry[2].get(key)
+            if compiled is None:
+                return None
+            slots = tuple(_USER_ARRAYS.index(n) if n in _USER_ARRAYS else len(_USER_ARRAYS) + names_fixed.index(n)
+                          for n in names)
+            steps.append((compiled[entry[3]], slots, entry[1]))
+        buffers = tuple(fixed[n] for n in names_fixed)
+        return cls(tuple(steps), tuple(b.data_ptr() for b in buffers), buffers)
+
+    def __call__(self, q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, out) -> bool:
+        table = (q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), block_table.data_ptr(),
+                 cu_seqlens_q.data_ptr(), seq_lens.data_ptr(), out.data_ptr(), *self.fixed)
+        if (table[0] | table[1] | table[2] | table[3] | table[4] | table[5] | table[6]) % 16:
+            return False
+        for runner, slots, trailing in self.steps:
+            runner(*[table[i] for i in slots], *trailing)
+        return True
 
 
 def _run_one(launch: KernelLaunch, inputs: list, env: dict, *, direct: bool, device: torch.device,
@@ -191,6 +252,19 @@ def launch_write_kv_cache(
     )
     arrays = dict(k=k, v=v, slot_mapping=slot_mapping, k_cache=k_cache, v_cache=v_cache)
     run_launches(launches, arrays, functools.partial(_run_one, direct=direct, device=k.device))
+
+
+def launch_decode_mask_layout(mask: torch.Tensor, kv_len: int, pages_per_row: int, out_dtype: torch.dtype,
+                              direct: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One launch: the decode layout of a slot mask ``mask [B, L]`` (bool, or signed: < 0 not
+    written) -> ``(block_table i32 [B, max(kv_len, 1)], seq_lens i32 [B], keep bool [B],
+    fill [B] out_dtype)`` (``sparse24.kernels.mask_layout``). Eager, no validation here."""
+    launches = decode_mask_layout_launches(
+        mask_shape=tuple(mask.shape), mask_strides=tuple(mask.stride()), signed_mask=mask.dtype != torch.bool,
+        kv_len=int(kv_len), pages_per_row=int(pages_per_row), out_dtype=dtype_str(out_dtype),
+    )
+    env = run_launches(launches, {"mask": mask}, functools.partial(_run_one, direct=direct, device=mask.device))
+    return env["block_table"], env["seq_lens"], env["keep"], env["fill"]
 
 
 # The ops are the launch functions themselves (their schema carries ``direct``, always False

@@ -24,7 +24,7 @@ from sparse24.validation import (
     prepare_unified_attention,
 )
 
-from ._launch import _launch_unified, launch_write_kv_cache  # importing registers the ops
+from ._launch import _launch_unified, launch_decode_mask_layout, launch_write_kv_cache  # importing registers the ops
 
 
 def _eager(*tensors: torch.Tensor) -> bool:
@@ -228,6 +228,25 @@ class UnifiedAttentionPlan:
         self.prepared = prepared
         self.state: dict = {}  # direct launches: the launch description and scratch buffers of this form
 
+    def direct(self, q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, out):
+        """The planned call's compiled kernels as a ``DirectLaunches`` (``torch_ops._launch``),
+        for arrays of the dtypes of the given ones (arrays of the plan's form):
+        ``direct(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, out)`` launches the
+        kernels with no per-call work but the arguments (True), or does nothing when an array
+        is not 16-byte aligned (False: run the plan instead). Available once the plan has run
+        a direct eager launch of compiled kernels without LSE (else None); the caller vouches
+        for the arrays as for the plan (they are read by data pointer only)."""
+        from ._launch import _USER_ARRAYS, FAST_LAUNCH, INTERPRETED, DirectLaunches
+
+        state = self.state
+        if (self.backend != "triton" or INTERPRETED or not FAST_LAUNCH or self.prepared.return_lse
+                or "launches" not in state or "no_lse" not in state):
+            return None
+        fixed = dict(state.get("scratch", {}), lse=state["no_lse"])
+        arrays = (q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, out)
+        dtypes = {name: a.dtype for name, a in zip(_USER_ARRAYS, arrays)}
+        return DirectLaunches.build(state["launches"], fixed, q.device, dtypes)
+
     def __call__(self, q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, *, out=None):
         """Run the planned call; returns ``out`` [T, H_q, D] or ``(out, lse)`` as planned."""
         p = self.prepared
@@ -375,3 +394,26 @@ def write_kv_cache(
     else:
         torch.ops.sparse24.write_kv_cache(k, v, k_cache, v_cache, slot_mapping)
     return k_cache, v_cache
+
+
+def decode_mask_layout(mask: torch.Tensor, *, kv_len: int, pages_per_row: int, out_dtype: torch.dtype):
+    """The decode (one query per row) layout of a transformers slot mask in one Triton launch
+    (``sparse24.kernels.mask_layout``; eager, compiled or interpreted kernels only).
+
+    Args:
+      mask: [batch, L] on the kernels' device, 1 <= L <= kv_len: bool (every slot written) or
+        a signed integer / float slot mask (> 0 real, 0 padding, < 0 not written), as in
+        ``sparse24.layouts``.
+      kv_len: the cache's slot count; pages_per_row: pages of its one-slot paged view per row.
+      out_dtype: the attention output's dtype (of ``fill``).
+
+    Returns:
+      ``(block_table i32 [batch, max(kv_len, 1)], seq_lens i32 [batch], keep bool [batch],
+      fill [batch] out_dtype)``: what ``padding_mask_layout_torch`` and the decode fix-up of
+      ``sparse24.hf`` compute (``keep``: the row's query slot is real and its real tokens are
+      contiguous; ``fill``: NaN for a row with holes, else 0).
+    """
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or not 1 <= mask.shape[1] <= kv_len:
+        got = list(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise ValueError(f"mask must be a tensor [batch, L] with 1 <= L <= kv_len = {kv_len}, got {got}")
+    return launch_decode_mask_layout(mask, kv_len, pages_per_row, out_dtype)
