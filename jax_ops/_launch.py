@@ -56,6 +56,7 @@ def attention_calls(
     num_sms: int | None,
     interpret: bool,
     store_lse: bool = True,
+    store_stats: bool = False,
 ) -> tuple[KernelLaunch, ...]:
     """The described launch(es) of one unified-attention call on contiguous JAX arrays
     (inputs ``ATTENTION_INPUTS``; results ``out``, ``lse``)."""
@@ -66,7 +67,7 @@ def attention_calls(
         dense_recent_tokens=config.dense_recent_tokens, sparse_decode=config.sparse_decode,
         causal=bool(causal), softmax_scale=float(softmax_scale), window=int(window), softcap=float(softcap),
         max_seqlen_q=int(max_seqlen_q), max_seqlen_k=int(max_seqlen_k), store_lse=bool(store_lse),
-        num_kv_splits=num_kv_splits, num_sms=num_sms, interpret=bool(interpret),
+        store_stats=bool(store_stats), num_kv_splits=num_kv_splits, num_sms=num_sms, interpret=bool(interpret),
         block_table_strides=contiguous_strides(block_table_shape),
     )
 

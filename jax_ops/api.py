@@ -63,26 +63,32 @@ def _in_host_memory(x) -> bool:
 def _run_unified(backend, statics, q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens):
     """One unbatched call; returns ``(out [T, H_q, D] in q's dtype,)``, plus ``lse`` f32
     [T, H_q] when the statics ask for it (the kernel's STORE_LSE, as in torch)."""
-    (cfg, causal, scale, window, softcap, max_q, max_k, splits, store_lse) = statics
+    (cfg, causal, scale, window, softcap, max_q, max_k, splits, store_lse, store_stats) = statics
     if backend == "reference":  # checked already: straight to the computation
         from sparse24.jax_reference import _forward
 
-        out, lse = _forward(
+        results = _forward(
             q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, config=cfg, causal=causal,
-            scale=scale, window=window, softcap=softcap, chunk_size=256, query_chunk=128,
+            scale=scale, window=window, softcap=softcap, chunk_size=256, query_chunk=128, stats=store_stats,
         )
-        return (out, lse) if store_lse else (out,)
+        if store_stats:  # (out, lse, kept mass, kept keys)
+            return results
+        return results[:2] if store_lse else results[:1]
     launches = _launch.attention_calls(
         q_shape=q.shape, dtype=q.dtype, cache_shape=k_cache.shape, block_table_shape=block_table.shape,
         num_seqs=int(seq_lens.shape[0]), config=cfg, causal=causal, softmax_scale=scale, window=window,
         softcap=softcap, max_seqlen_q=max_q, max_seqlen_k=max_k, num_kv_splits=splits,
         num_sms=_num_sms() if backend == "triton" else None, interpret=backend == "interpret",
-        store_lse=store_lse,
+        store_lse=store_lse, store_stats=store_stats,
     )
     run = _launch.run_triton if backend == "triton" else _launch.run_interpret
-    results = ("out", "lse") if store_lse else ("out",)
-    return tuple(run(launches, _launch.ATTENTION_INPUTS, results, q, k_cache, v_cache, block_table,
-                     cu_seqlens_q, seq_lens))
+    results = ("out", "lse") if store_lse or store_stats else ("out",)
+    results = tuple(run(launches, _launch.ATTENTION_INPUTS, results, q, k_cache, v_cache, block_table,
+                        cu_seqlens_q, seq_lens))
+    if store_stats:  # the kernel's (lse, kept mass, kept keys) rows
+        stats = results[1]
+        return results[0], stats[..., 0], stats[..., 1], stats[..., 2]
+    return results
 
 
 @functools.lru_cache(maxsize=None)
@@ -155,6 +161,7 @@ def unified_attention(
     max_seqlen_k: int | None = None,
     num_kv_splits: int | None = None,
     backend: str = "auto",
+    return_stats: bool = False,
 ):
     """N:M-sparse attention over a paged KV cache (see ``sparse24.torch_ops.unified_attention``).
 
@@ -181,29 +188,39 @@ def unified_attention(
         | "interpret" (the Triton kernel in the CPU interpreter through a host callback;
         needs TRITON_INTERPRET=1 before triton is imported) | "reference" (jax.numpy).
 
+      return_stats: also return a ``sparse24.reference.KeptStats`` of f32 [num_tokens,
+        num_q_heads] arrays (kept softmax mass, kept keys, LSE), as the torch op does (the
+        same kernel path; ``num_kv_splits`` None or 1).
+
     Returns:
-      out [num_tokens, num_q_heads, head_dim] in q's dtype, or ``(out, lse)``.
+      out [num_tokens, num_q_heads, head_dim] in q's dtype, or ``(out, lse)``, or
+      ``(out, stats)`` with ``return_stats``.
     """
     prepared = prepare_unified_attention(
         q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, framework="jax", config=config,
         causal=causal, softmax_scale=softmax_scale, window=window, softcap=softcap, return_lse=return_lse,
         max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, num_kv_splits=num_kv_splits,
-        read_metadata=lambda: _host_metadata(cu_seqlens_q, seq_lens, block_table),
+        return_stats=return_stats, read_metadata=lambda: _host_metadata(cu_seqlens_q, seq_lens, block_table),
     )
     chosen = resolve_backend(backend)
     results = _call(chosen, prepared.config, prepared.options, prepared.max_seqlen_q, prepared.max_seqlen_k,
                     prepared.num_kv_splits, q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens,
-                    return_lse=prepared.return_lse)
+                    return_lse=prepared.return_lse, return_stats=prepared.return_stats)
+    if prepared.return_stats:
+        from sparse24.reference import KeptStats
+
+        out, lse, mass, kept = results
+        return out, KeptStats(mass, kept, lse)
     return results if prepared.return_lse else results[0]
 
 
 def _call(backend, cfg, opts, max_seqlen_q, max_seqlen_k, num_kv_splits, q, k_cache, v_cache, block_table,
-          cu_seqlens_q, seq_lens, *, return_lse: bool):
+          cu_seqlens_q, seq_lens, *, return_lse: bool, return_stats: bool = False):
     """Checked inputs -> ``(out [T, H_q, D],)`` or ``(out, lse f32 [T, H_q])`` on a resolved
     backend (no validation here; ``cu_seqlens_q[-1] <= T`` is fine: rows past it belong to
     no sequence)."""
     statics = (cfg, opts.causal, opts.softmax_scale, opts.window, opts.softcap,
-               int(max_seqlen_q), int(max_seqlen_k), num_kv_splits, bool(return_lse))
+               int(max_seqlen_q), int(max_seqlen_k), num_kv_splits, bool(return_lse), bool(return_stats))
     op = _unified_primitive(backend, statics)
     return op(*(jnp.asarray(x) for x in (q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens)))
 

@@ -164,6 +164,7 @@ def unified_attention_launches(
     max_seqlen_q: int,
     max_seqlen_k: int,
     store_lse: bool,
+    store_stats: bool = False,
     num_kv_splits: int | None = None,
     num_sms: int | None = None,
     interpret: bool = False,
@@ -183,6 +184,8 @@ def unified_attention_launches(
       causal, softmax_scale (> 0), window (0 = off), softcap (0 = off): the options.
       max_seqlen_q, max_seqlen_k: upper bounds of the per-sequence lengths (launch sizing).
       store_lse: write the LSE f32[num_tokens, num_q_heads]; else ``lse`` is a [1, 1] dummy.
+      store_stats: ``lse`` is f32[num_tokens, num_q_heads, 3]: (LSE, kept mass, kept keys) per
+        row (forces one segment: the reduce does not merge statistics).
       num_kv_splits: force a split-KV count (None = the planner's); num_sms: the GPU's SMs.
       interpret: the kernels run in Triton's CPU interpreter.
       *_strides: element strides of the arrays (None = contiguous; JAX arrays always are).
@@ -195,13 +198,18 @@ def unified_attention_launches(
     """
     num_tokens, num_q_heads, head_dim = (int(d) for d in q_shape)
     num_kv_heads = int(cache_shape[2])
+    if store_stats:
+        num_kv_splits = 1
     plan = planner.plan_unified_attention(
         num_tokens=num_tokens, num_seqs=int(num_seqs), num_q_heads=num_q_heads, num_kv_heads=num_kv_heads,
         head_dim=head_dim, dtype=dtype, n=int(n), m=int(m), max_seqlen_q=int(max_seqlen_q),
         max_seqlen_k=int(max_seqlen_k), num_sms=num_sms, interpret=bool(interpret), num_kv_splits=num_kv_splits,
     )
     out_shape = (num_tokens, num_q_heads, head_dim)
-    lse_shape = (num_tokens, num_q_heads) if store_lse else (1, 1)
+    if store_stats:
+        lse_shape = (num_tokens, num_q_heads, 3)
+    else:
+        lse_shape = (num_tokens, num_q_heads) if store_lse else (1, 1)
     qs = tuple(q_strides) if q_strides is not None else contiguous_strides(q_shape)
     ks = tuple(k_cache_strides) if k_cache_strides is not None else contiguous_strides(cache_shape)
     vs = tuple(v_cache_strides) if v_cache_strides is not None else contiguous_strides(cache_shape)
@@ -216,13 +224,14 @@ def unified_attention_launches(
     out_lse = (OutputSpec("out_ptr", "out", out_shape, dtype), OutputSpec("lse_ptr", "lse", lse_shape, "float32"))
     out_lse_strides = dict(
         stride_out_token=os_[0], stride_out_head=os_[1], stride_out_dim=os_[2],
-        stride_lse_token=ls[0], stride_lse_head=ls[-1],
+        stride_lse_token=ls[0], stride_lse_head=ls[1] if store_stats else ls[-1],
     )
     # config / options -> kernel flags: the only place this mapping is written.
     constexprs = plan.kernel_constexprs(
         page_size=int(cache_shape[1]), causal=bool(causal), use_window=int(window) > 0,
         use_softcap=float(softcap) > 0, use_sink=int(dense_sink_tokens) > 0,
         use_recent=int(dense_recent_tokens) > 0, sparse_decode=bool(sparse_decode), store_lse=bool(store_lse),
+        store_stats=bool(store_stats),
     )
     num_warps, num_stages = constexprs.pop("num_warps"), constexprs.pop("num_stages")
     main = _launch(

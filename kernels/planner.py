@@ -65,8 +65,12 @@ class AttentionPlan:
         use_recent: bool,
         sparse_decode: bool,
         store_lse: bool,
+        store_stats: bool = False,
     ) -> dict:
         """Keyword constexprs of ``unified_attention_kernel`` (plus num_warps/num_stages).
+
+        ``store_stats`` (kept mass and kept keys per row, in the LSE buffer) needs an unsplit
+        plan (``num_kv_splits=1``).
 
         ``page_size`` is the caches' block_size (slots per page), a compile-time constant of
         the kernel: mapping a key to its page is then a shift (or a cheap division), not a
@@ -75,6 +79,8 @@ class AttentionPlan:
         sparse = self.group_m > 1
         if int(page_size) < 1:
             raise ValueError(f"page_size must be >= 1, got {page_size!r}")
+        if store_stats and self.is_split:
+            raise ValueError("store_stats needs an unsplit plan (num_kv_splits=1): the reduce does not merge statistics")
         return dict(
             NUM_QUERIES_PER_KV=self.num_queries_per_kv,
             HEAD_DIM=self.head_dim,
@@ -93,7 +99,8 @@ class AttentionPlan:
             USE_RECENT=bool(use_recent and sparse),
             SPARSE_DECODE=bool(sparse_decode or not sparse),
             NUM_SEGMENTS=self.num_segments,
-            STORE_LSE=bool(store_lse),
+            STORE_LSE=bool(store_lse or store_stats),
+            STORE_STATS=bool(store_stats),
             UPCAST_OPERANDS=self.upcast_operands,
             DOT_PRECISION=self.dot_precision,
             num_warps=self.num_warps,

@@ -106,6 +106,7 @@ def _attend_tile(
     acc,  # [BLOCK_M, HEAD_DIM_PAD] fp32 running unnormalised output
     m_i,  # [BLOCK_M] fp32 running max of the logits, log2 units
     l_i,  # [BLOCK_M] fp32 running sum of exp2(logit - m_i)
+    stats,  # STORE_STATS: (m_vis, l_vis, kept) [BLOCK_M] fp32, the same over every visible key, and the kept count
     q,  # [BLOCK_M, HEAD_DIM_PAD]
     tile,  # index of the key tile (keys tile * TILE_N ...)
     seq,  # this sequence and KV head (see _attend_range)
@@ -115,10 +116,12 @@ def _attend_tile(
     v_strides,  # (block, slot, head, dim) element strides of v_cache
     offs_d,  # [HEAD_DIM_PAD]
     TILES: tl.constexpr,  # (PAGE_SIZE, BLOCK_M, TILE_N, GROUP_M, N_KEEP, MEMBER_STRIDE, HEAD_DIM, HEAD_DIM_PAD)
-    FLAGS: tl.constexpr,  # (IS_CAUSAL, USE_WINDOW, USE_SOFTCAP, USE_SINK, USE_RECENT, UPCAST_OPERANDS, DOT_PRECISION)
+    FLAGS: tl.constexpr,  # (IS_CAUSAL, USE_WINDOW, USE_SOFTCAP, USE_SINK, USE_RECENT, UPCAST_OPERANDS, DOT_PRECISION,
+    #                      STORE_STATS)
     MASKED: tl.constexpr,  # False: every key of the tile is visible to every row, none is in a dense region
 ):
-    """One online-softmax step over key tile ``tile``. Returns (acc, m_i, l_i)."""
+    """One online-softmax step over key tile ``tile``. Returns (acc, m_i, l_i, stats); ``stats``
+    passes through untouched unless STORE_STATS."""
     k_cache_ptr, v_cache_ptr, block_table_row_ptr, key_offs, kv_len, kv_head, stride_bt_page = seq
     query_pos, row_valid, row_dense = rows
     softmax_scale, logit_scale, softcap, window, dense_sink_tokens, dense_recent_tokens = scalars
@@ -139,6 +142,7 @@ def _attend_tile(
     USE_RECENT: tl.constexpr = FLAGS[4]
     UPCAST_OPERANDS: tl.constexpr = FLAGS[5]
     DOT_PRECISION: tl.constexpr = FLAGS[6]
+    STORE_STATS: tl.constexpr = FLAGS[7]
     key_idx = tile * TILE_N + key_offs  # [TILE_N] absolute key of each column
     key_valid = key_idx < kv_len  # [TILE_N]
     logical_page = key_idx // PAGE_SIZE
@@ -167,6 +171,12 @@ def _attend_tile(
         if USE_WINDOW:
             visible = visible & (query_pos[:, None] - key_idx[None, :] < window)
         score = tl.where(visible, score, float("-inf"))
+    if STORE_STATS:  # the dense softmax's running max / sum over every visible key, in log2 units
+        m_vis, l_vis, kept = stats
+        m_vis_new = tl.maximum(m_vis, tl.max(score, 1) * logit_scale)
+        m_vis_shift = tl.where(m_vis_new == float("-inf"), 0.0, m_vis_new)
+        l_vis = l_vis * tl.exp2(m_vis - m_vis_shift) + tl.sum(tl.exp2(score * logit_scale - m_vis_shift[:, None]), 1)
+        m_vis = m_vis_new
     if N_KEEP < GROUP_M:
         keep = select_tile(score, N_KEEP, GROUP_M, BLOCK_M, TILE_N, MEMBER_STRIDE)
         if MASKED:  # dense regions only reach masked tiles (the caller routes them there)
@@ -185,6 +195,9 @@ def _attend_tile(
     alpha = tl.exp2(m_i - m_shift)
     p = tl.exp2(score * logit_scale - m_shift[:, None])  # [BLOCK_M, TILE_N]
     l_i = l_i * alpha + tl.sum(p, 1)
+    if STORE_STATS:
+        kept = kept + tl.sum((score > float("-inf")).to(tl.float32), 1)
+        stats = (m_vis, l_vis, kept)
 
     v = _load_rows(
         v_cache_ptr, page * stride_vc_block + slot * stride_vc_slot + kv_head * stride_vc_head,
@@ -194,12 +207,12 @@ def _attend_tile(
     if UPCAST_OPERANDS:
         p_in = p_in.to(tl.float32)
     acc = acc * alpha[:, None] + tl.dot(p_in, v, input_precision=DOT_PRECISION)
-    return acc, m_new, l_i
+    return acc, m_new, l_i, stats
 
 
 @triton.jit
 def _attend_range(
-    acc, m_i, l_i,  # the running online-softmax state (see _attend_tile)
+    acc, m_i, l_i, stats,  # the running online-softmax state (see _attend_tile)
     q,  # [BLOCK_M, HEAD_DIM_PAD]
     tile_lo,
     tile_hi,  # key tiles [tile_lo, tile_hi)
@@ -213,11 +226,11 @@ def _attend_range(
     FLAGS: tl.constexpr,
     MASKED: tl.constexpr,
 ):
-    """``_attend_tile`` over the key tiles [tile_lo, tile_hi). Returns (acc, m_i, l_i)."""
+    """``_attend_tile`` over the key tiles [tile_lo, tile_hi). Returns (acc, m_i, l_i, stats)."""
     for tile in range(tile_lo, tile_hi):
-        acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, tile, seq, rows, scalars, k_strides, v_strides, offs_d,
-                                     TILES, FLAGS, MASKED)
-    return acc, m_i, l_i
+        acc, m_i, l_i, stats = _attend_tile(acc, m_i, l_i, stats, q, tile, seq, rows, scalars, k_strides, v_strides,
+                                            offs_d, TILES, FLAGS, MASKED)
+    return acc, m_i, l_i, stats
 
 
 @triton.jit
@@ -231,7 +244,8 @@ def unified_attention_kernel(
     seq_lens_ptr,  # [num_seqs] int32, keys per sequence (kv_len)
     # ---- output arrays ----
     out_ptr,  # [num_tokens, num_q_heads, head_dim], q's dtype (NUM_SEGMENTS == 1)
-    lse_ptr,  # [num_tokens, num_q_heads] fp32 (NUM_SEGMENTS == 1 and STORE_LSE)
+    lse_ptr,  # [num_tokens, num_q_heads] fp32 (NUM_SEGMENTS == 1 and STORE_LSE); with STORE_STATS
+    #           [num_tokens, num_q_heads, 3]: (lse, kept_mass, kept_keys), stride_lse_head = 3
     segm_acc_ptr,  # [num_tokens, num_q_heads, NUM_SEGMENTS, HEAD_DIM_PAD] fp32 (NUM_SEGMENTS > 1)
     segm_max_ptr,  # [num_tokens, num_q_heads, NUM_SEGMENTS] fp32, log2 units (NUM_SEGMENTS > 1)
     segm_sum_ptr,  # [num_tokens, num_q_heads, NUM_SEGMENTS] fp32 (NUM_SEGMENTS > 1)
@@ -279,6 +293,7 @@ def unified_attention_kernel(
     SPARSE_DECODE: tl.constexpr,  # False: rows of q_len == 1 sequences are dense
     NUM_SEGMENTS: tl.constexpr,  # split-KV segments per sequence (1 = write out directly)
     STORE_LSE: tl.constexpr,
+    STORE_STATS: tl.constexpr,  # also the kept softmax mass and kept key count per row (NUM_SEGMENTS == 1)
     UPCAST_OPERANDS: tl.constexpr,  # interpreter only: compute bf16/fp16 operands in fp32
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs (exact decisions), else "tf32"
 ):
@@ -370,6 +385,11 @@ def unified_attention_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
+    if STORE_STATS:
+        stats = (tl.full([BLOCK_M], float("-inf"), tl.float32), tl.zeros([BLOCK_M], tl.float32),
+                 tl.zeros([BLOCK_M], tl.float32))
+    else:
+        stats = (0.0, 0.0, 0.0)  # unused; passes through the loops untouched
 
     seq = (k_cache_ptr, v_cache_ptr, block_table_row_ptr, key_offs, kv_len, kv_head, stride_bt_page)
     rows = (query_pos, row_valid, row_dense)
@@ -377,15 +397,16 @@ def unified_attention_kernel(
     k_strides = (stride_kc_block, stride_kc_slot, stride_kc_head, stride_kc_dim)
     v_strides = (stride_vc_block, stride_vc_slot, stride_vc_head, stride_vc_dim)
     TILES: tl.constexpr = (PAGE_SIZE, BLOCK_M, TILE_N, GROUP_M, N_KEEP, MEMBER_STRIDE, HEAD_DIM, HEAD_DIM_PAD)
-    FLAGS: tl.constexpr = (IS_CAUSAL, USE_WINDOW, USE_SOFTCAP, USE_SINK, USE_RECENT, UPCAST_OPERANDS, DOT_PRECISION)
+    FLAGS: tl.constexpr = (IS_CAUSAL, USE_WINDOW, USE_SOFTCAP, USE_SINK, USE_RECENT, UPCAST_OPERANDS, DOT_PRECISION,
+                           STORE_STATS)
     # Masked edge tiles (window start, sink), the unmasked middle, the masked diagonal / recent band.
     if USE_WINDOW or USE_SINK:
-        acc, m_i, l_i = _attend_range(acc, m_i, l_i, q, tile_lo, mid_lo, seq, rows, scalars, k_strides, v_strides,
-                                      offs_d, TILES, FLAGS, True)
-    acc, m_i, l_i = _attend_range(acc, m_i, l_i, q, mid_lo, mid_hi, seq, rows, scalars, k_strides, v_strides,
-                                  offs_d, TILES, FLAGS, False)
-    acc, m_i, l_i = _attend_range(acc, m_i, l_i, q, mid_hi, tile_hi, seq, rows, scalars, k_strides, v_strides,
-                                  offs_d, TILES, FLAGS, True)
+        acc, m_i, l_i, stats = _attend_range(acc, m_i, l_i, stats, q, tile_lo, mid_lo, seq, rows, scalars, k_strides,
+                                             v_strides, offs_d, TILES, FLAGS, True)
+    acc, m_i, l_i, stats = _attend_range(acc, m_i, l_i, stats, q, mid_lo, mid_hi, seq, rows, scalars, k_strides,
+                                         v_strides, offs_d, TILES, FLAGS, False)
+    acc, m_i, l_i, stats = _attend_range(acc, m_i, l_i, stats, q, mid_hi, tile_hi, seq, rows, scalars, k_strides,
+                                         v_strides, offs_d, TILES, FLAGS, True)
 
     if NUM_SEGMENTS == 1:
         l_safe = tl.where(l_i == 0.0, 1.0, l_i)
@@ -404,6 +425,15 @@ def unified_attention_kernel(
                 lse,
                 mask=row_valid,
             )
+        if STORE_STATS:  # kept mass = exp(lse_kept - lse_visible); NaN where nothing is visible (0 / 0)
+            m_vis, l_vis, kept = stats
+            m_vis_safe = tl.where(l_vis == 0.0, 0.0, m_vis)
+            m_kept_safe = tl.where(l_i == 0.0, m_vis_safe, m_i)  # kept keys are visible: m_i <= m_vis
+            ratio = (l_i / tl.where(l_vis == 0.0, 1.0, l_vis)) * tl.exp2(m_kept_safe - m_vis_safe)
+            mass = tl.where(l_vis == 0.0, float("nan"), ratio)
+            stats_row = lse_ptr + token * stride_lse_token + q_head.to(tl.int64) * stride_lse_head
+            tl.store(stats_row + 1, mass, mask=row_valid)
+            tl.store(stats_row + 2, kept, mask=row_valid)
     else:
         # Partials are contiguous [num_tokens, num_q_heads, NUM_SEGMENTS, (HEAD_DIM_PAD)].
         row = (token * (num_kv_heads * NUM_QUERIES_PER_KV) + q_head) * NUM_SEGMENTS + segment  # [BLOCK_M]

@@ -3,6 +3,7 @@
     sparse24 eval [...]   perplexity of a real LM, dense vs N:M attention (sparse24.eval)
     sparse24 demo [...]   the kernel on a small mixed batch vs dense and the float64 reference
     sparse24 plan [...]   which layers to sparsify under a perplexity budget (sparse24.plan)
+    sparse24 passkey [...] long-context retrieval (passkey), dense vs N:M attention (sparse24.passkey)
 """
 
 from __future__ import annotations
@@ -14,12 +15,13 @@ _COMMANDS = {
     "eval": ("sparse24.eval", "perplexity of a real LM (SmolLM2-135M by default), dense vs N:M sparse attention"),
     "demo": ("sparse24.demo", "the N:M kernel on a small mixed batch vs dense and the float64 reference"),
     "plan": ("sparse24.plan", "which layers to sparsify under a perplexity budget (writes a JSON plan)"),
+    "passkey": ("sparse24.passkey", "long-context retrieval (a key hidden in filler text), dense vs N:M sparse"),
 }
 
 
 def _usage() -> str:
-    lines = ["usage: sparse24 {eval,demo,plan} [options]   (python -m sparse24 ...)", "", "commands:"]
-    lines += [f"  {name:<6} {help_}" for name, (_, help_) in _COMMANDS.items()]
+    lines = ["usage: sparse24 {eval,demo,plan,passkey} [options]   (python -m sparse24 ...)", "", "commands:"]
+    lines += [f"  {name:<7} {help_}" for name, (_, help_) in _COMMANDS.items()]
     lines += ["", "`sparse24 COMMAND --help` lists a command's options."]
     return "\n".join(lines)
 
@@ -37,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
         from sparse24.eval import main as run
     elif command == "plan":
         from sparse24.plan import main as run
+    elif command == "passkey":
+        from sparse24.passkey import main as run
     else:
         from sparse24.demo import main as run
     if "prog" in inspect.signature(run).parameters:

@@ -201,6 +201,12 @@ def _can_sync() -> bool:
     return ops_can_sync()
 
 
+def _version(t: torch.Tensor):
+    """The tensor's version counter (bumped by in-place writes), or None for an inference
+    tensor (``torch.inference_mode``), which has none: there an entry matches the same object."""
+    return None if t.is_inference() else t._version
+
+
 class _LayoutCache:
     """The layouts of the current forward pass, shared by its layers.
 
@@ -217,13 +223,13 @@ class _LayoutCache:
 
     @staticmethod
     def _ref(t):
-        return None if t is None else (weakref.ref(t), t._version)
+        return None if t is None else (weakref.ref(t), _version(t))
 
     @staticmethod
     def _same(ref, t) -> bool:
         if ref is None or t is None:
             return ref is None and t is None
-        return ref[0]() is t and ref[1] == t._version
+        return ref[0]() is t and ref[1] == _version(t)
 
     def get(self, key, mask, positions):
         for entry in self.entries:
@@ -444,7 +450,7 @@ def attention_forward(
                       key.dtype, value.dtype, query.device, id(config), backend, causal, window, softcap, scaling,
                       id(attention_mask))
         direct = _DIRECT.get(direct_key)
-        if direct is not None and direct[0] is attention_mask and direct[1] == attention_mask._version:
+        if direct is not None and direct[0] is attention_mask and direct[1] == _version(attention_mask):
             _, _, step, launch, out = direct
             layout = step.layout
             if launch(query, key, value, layout.block_table, layout.cu_seqlens_q, layout.seq_lens, out):
@@ -479,7 +485,7 @@ def attention_forward(
                 and v_cache.data_ptr() == value.data_ptr()):
             launch = plan.direct(q_packed, k_cache, v_cache, *tables, out_packed)
             if launch is not None:  # the next layers' calls of this step: out is scratch (where copies it)
-                _DIRECT.put(direct_key, (attention_mask, attention_mask._version, step, launch,
+                _DIRECT.put(direct_key, (attention_mask, _version(attention_mask), step, launch,
                                          torch.empty((batch, 1, num_q_heads, head_dim), dtype=query.dtype,
                                                      device=query.device)))
     else:  # traced: no cache (the trace runs once)

@@ -97,11 +97,12 @@ def _nm_select(scores: jax.Array, n: int, m: int) -> jax.Array:
 
 @functools.partial(
     jax.jit,
-    static_argnames=("config", "causal", "scale", "window", "softcap", "chunk_size", "query_chunk"),
+    static_argnames=("config", "causal", "scale", "window", "softcap", "chunk_size", "query_chunk", "stats"),
 )
 def _forward(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, *,
-             config, causal, scale, window, softcap, chunk_size, query_chunk):
-    """Returns ``(out [T, H_q, D_v] in q.dtype, lse [T, H_q] float32)``."""
+             config, causal, scale, window, softcap, chunk_size, query_chunk, stats: bool = False):
+    """Returns ``(out [T, H_q, D_v] in q.dtype, lse [T, H_q] float32)``; with ``stats`` also
+    ``kept_mass`` and ``kept_keys`` (float32 [T, H_q]; see ``sparse24.reference.KeptStats``)."""
     num_tokens, num_q_heads, head_dim = q.shape
     num_blocks, block_size, num_kv_heads, _ = k_cache.shape
     head_dim_v = v_cache.shape[3]
@@ -112,7 +113,10 @@ def _forward(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, *,
     capacity = max_blocks * block_size
     if num_tokens == 0 or num_seqs == 0 or capacity == 0 or num_blocks == 0:
         out = jnp.zeros((num_tokens, num_q_heads, head_dim_v), q.dtype)
-        return out, jnp.full((num_tokens, num_q_heads), -jnp.inf, f32)
+        lse = jnp.full((num_tokens, num_q_heads), -jnp.inf, f32)
+        if stats:
+            return out, lse, jnp.full_like(lse, jnp.nan), jnp.zeros_like(lse)
+        return out, lse
 
     m = config.m
     keys_per_chunk = min(chunk_size, -(-capacity // m) * m)  # still a multiple of m
@@ -144,7 +148,7 @@ def _forward(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, *,
         sees = k_hi > k_lo
 
         def attend(carry, c0):
-            row_max, total, acc, poisoned = carry
+            row_max, total, acc, poisoned, vis_max, vis_total, kept_keys = carry
             j = c0 + key_offsets  # [C] absolute key indices
             in_seq = j[None, :] < kv_len[:, None]  # [rows, C]
             page = jnp.take(pages_of_rows, jnp.minimum(j // block_size, max_blocks - 1), axis=1)
@@ -163,6 +167,11 @@ def _forward(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, *,
             visible = visible[:, None, None, :]
             s = jnp.where(visible, s, -jnp.inf)
             poisoned = poisoned | jnp.isnan(s).any(axis=-1)  # the NaN rule: a visible NaN score
+            if stats:  # the dense softmax over every visible key (kept mass = its kept share)
+                new_vis = jnp.maximum(vis_max, s.max(axis=-1))
+                safe_vis = jnp.where(jnp.isfinite(new_vis), new_vis, 0.0)
+                vis_total = vis_total * jnp.exp(vis_max - safe_vis) + jnp.exp(s - safe_vis[..., None]).sum(axis=-1)
+                vis_max = new_vis
             if config.is_dense:
                 kept = visible
             else:
@@ -172,6 +181,8 @@ def _forward(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, *,
                     dense = dense | decode_row[:, None]
                 kept = visible & (dense[:, None, None, :] | _nm_select(s, config.n, m))
             s = jnp.where(kept, s, -jnp.inf)
+            if stats:
+                kept_keys = kept_keys + (s > -jnp.inf).sum(axis=-1).astype(f32)
             new_max = jnp.maximum(row_max, s.max(axis=-1))
             safe_max = jnp.where(jnp.isfinite(new_max), new_max, 0.0)
             alpha = jnp.exp(row_max - safe_max)
@@ -181,7 +192,7 @@ def _forward(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, *,
             total = total * alpha + p.sum(axis=-1)
             acc = acc * alpha[..., None] + jnp.einsum(
                 "rkgc,rckd->rkgd", p, values, precision=_HIGHEST)
-            return new_max, total, acc, poisoned
+            return new_max, total, acc, poisoned, vis_max, vis_total, kept_keys
 
         def step(carry, chunk):
             c0 = chunk * keys_per_chunk
@@ -197,8 +208,11 @@ def _forward(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, *,
             zeros,
             zeros[..., None] + jnp.zeros((head_dim_v,), f32),
             zeros != zeros,  # no NaN seen yet (bool, derived from q for shard_map)
+            zeros - jnp.inf,
+            zeros,
+            zeros,
         )
-        (row_max, total, acc, poisoned), _ = jax.lax.scan(
+        (row_max, total, acc, poisoned, vis_max, vis_total, kept_keys), _ = jax.lax.scan(
             step, init, jnp.arange(num_key_chunks, dtype=jnp.int32))
         has = total > 0
         o = acc / jnp.where(has, total, 1.0)[..., None]
@@ -207,14 +221,20 @@ def _forward(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, *,
         lse = jnp.where(has, safe_max + jnp.log(jnp.where(has, total, 1.0)), -jnp.inf)
         o = jnp.where(poisoned[..., None], jnp.nan, o)
         lse = jnp.where(poisoned, jnp.nan, lse)
-        return (o.reshape(rows, num_q_heads, head_dim_v).astype(q.dtype),
-                lse.reshape(rows, num_q_heads))
+        results = (o.reshape(rows, num_q_heads, head_dim_v).astype(q.dtype), lse.reshape(rows, num_q_heads))
+        if stats:
+            seen = vis_total > 0
+            safe_vis = jnp.where(seen, vis_max, 0.0)
+            mass = jnp.where(has, total / jnp.where(seen, vis_total, 1.0) * jnp.exp(safe_max - safe_vis), 0.0)
+            mass = jnp.where(seen, mass, jnp.nan)
+            results += (mass.reshape(rows, num_q_heads), kept_keys.reshape(rows, num_q_heads))
+        return results
 
     tokens = jnp.arange(num_query_chunks * rows, dtype=jnp.int32).reshape(num_query_chunks, rows)
-    out, lse = jax.lax.map(query_chunk_fn, tokens)
-    out = out.reshape(num_query_chunks * rows, num_q_heads, head_dim_v)[:num_tokens]
-    lse = lse.reshape(num_query_chunks * rows, num_q_heads)[:num_tokens]
-    return out, lse
+    results = jax.lax.map(query_chunk_fn, tokens)
+    out = results[0].reshape(num_query_chunks * rows, num_q_heads, head_dim_v)[:num_tokens]
+    rest = tuple(r.reshape(num_query_chunks * rows, num_q_heads)[:num_tokens] for r in results[1:])
+    return (out, *rest)
 
 
 def unified_attention_jax_reference(

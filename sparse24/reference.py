@@ -38,7 +38,7 @@ j % block_size]``), ``cu_seqlens_q [B + 1]`` and ``seq_lens [B]`` (= ``kv_len``)
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Any, NamedTuple, Optional
 
 import torch
 
@@ -294,6 +294,68 @@ def keep_mask_reference(
     ):
         masks[b] = kept.contiguous()
     return masks
+
+
+class KeptStats(NamedTuple):
+    """What N:M selection keeps of each row's dense softmax (per query row and head).
+
+    kept_mass: ``[T, H_q]`` the fraction of the dense softmax probability over the row's
+      *visible* keys that its *kept* keys carry, ``exp(lse_kept - lse_visible)``: 1 where
+      every visible key is kept (dense, dense regions), NaN where no key is visible (0 / 0;
+      not reachable through the ops' contract, where a row always sees its own key).
+    kept_keys: ``[T, H_q]`` the number of kept keys (an integer value).
+    lse: ``[T, H_q]`` the log-sum-exp over the kept keys (natural log; -inf: nothing kept).
+    """
+
+    kept_mass: Any
+    kept_keys: Any
+    lse: Any
+
+
+def kept_stats_reference(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    seq_lens: torch.Tensor,
+    *,
+    config: Optional[SparsityConfig] = None,
+    causal: bool = True,
+    softmax_scale: Optional[float] = None,
+    window: Optional[int] = None,
+    softcap: Optional[float] = None,
+) -> KeptStats:
+    """The kept softmax mass and kept key count of every row, in float64 on the CPU.
+
+    Arguments and contract as :func:`unified_attention_reference` (no ``v_cache``).
+
+    Returns:
+        a :class:`KeptStats` of float64 CPU tensors ``[T, H_q]``.
+    """
+    prepared, cu, kv = _prepare(
+        q, k_cache, None, block_table, cu_seqlens_q, seq_lens, config=config, causal=causal,
+        softmax_scale=softmax_scale, window=window, softcap=softcap,
+    )
+    opts = prepared.options
+    shape = (q.shape[0], q.shape[1])
+    mass = torch.full(shape, math.nan, dtype=torch.float64)
+    count = torch.zeros(shape, dtype=torch.float64)
+    lse = torch.full(shape, -math.inf, dtype=torch.float64)
+    for _, row0, kept, scores in _reference_sequences(
+        q, k_cache, block_table, cu, kv, config=prepared.config, causal=opts.causal, scale=opts.softmax_scale,
+        window=opts.window, softcap=opts.softcap,
+    ):
+        if scores.shape[-1] == 0:
+            continue
+        lse_visible = torch.logsumexp(scores, dim=-1)  # invisible scores are -inf  [H_q, q_len]
+        lse_kept = torch.logsumexp(scores.masked_fill(~kept, -math.inf), dim=-1)
+        row_mass = torch.where(torch.isfinite(lse_visible), torch.exp(lse_kept - lse_visible), math.nan)
+        row_mass = torch.where(torch.isneginf(lse_kept) & torch.isfinite(lse_visible), 0.0, row_mass)
+        rows = slice(row0, row0 + scores.shape[1])
+        mass[rows] = row_mass.transpose(0, 1)
+        count[rows] = kept.sum(dim=-1).transpose(0, 1).double()
+        lse[rows] = lse_kept.transpose(0, 1)
+    return KeptStats(mass, count, lse)
 
 
 # --------------------------------------------------------------------------------------------

@@ -382,6 +382,7 @@ class PreparedAttention:
     max_seqlen_k: int
     num_kv_splits: Optional[int]
     metadata: Optional[tuple[np.ndarray, np.ndarray, np.ndarray]]
+    return_stats: bool = False
 
 
 def prepare_unified_attention(
@@ -403,6 +404,7 @@ def prepare_unified_attention(
     max_seqlen_q: Any = None,
     max_seqlen_k: Any = None,
     num_kv_splits: Any = None,
+    return_stats: Any = False,
     allow_float64: bool = False,
     read_metadata: Callable[[], Optional[tuple]] | None = None,
 ) -> PreparedAttention:
@@ -415,7 +417,9 @@ def prepare_unified_attention(
         out: None or [num_tokens, num_q_heads, head_dim] (torch only).
       framework: "torch" (torch tensors, all on one device) or "jax" (jax or numpy arrays).
       config, causal, softmax_scale, window, softcap, return_lse, max_seqlen_q, max_seqlen_k,
-        num_kv_splits: the op's options, checked here.
+        num_kv_splits, return_stats: the op's options, checked here (``return_stats``, the kept
+        softmax mass and kept key count per row, needs ``num_kv_splits`` None or 1: the split-KV
+        reduce does not merge them).
       allow_float64: the references (float64 oracles) accept float64 too.
       read_metadata: returns host copies ``(cu_seqlens_q, seq_lens, block_table)`` (numpy or
         anything ``np.asarray`` takes), or None when they cannot be read (traced). Called
@@ -438,6 +442,12 @@ def prepare_unified_attention(
     check_max_seqlens(max_seqlen_q, max_seqlen_k)
     splits = check_num_kv_splits(num_kv_splits)
     lse = check_bool("return_lse", return_lse)
+    stats = check_bool("return_stats", return_stats)
+    if stats and splits not in (None, 1):
+        raise ValueError(
+            f"return_stats=True needs num_kv_splits None or 1 (the split-KV reduce does not merge the statistics), "
+            f"got num_kv_splits={num_kv_splits!r}"
+        )
     metadata = None
     if max_seqlen_q is not None:
         max_q, max_k = int(max_seqlen_q), int(max_seqlen_k)
@@ -451,7 +461,7 @@ def prepare_unified_attention(
             max_k = dims.max_blocks_per_seq * dims.block_size
     return PreparedAttention(
         config=cfg, dims=dims, options=opts, return_lse=lse, max_seqlen_q=max_q, max_seqlen_k=max_k,
-        num_kv_splits=splits, metadata=metadata,
+        num_kv_splits=splits, metadata=metadata, return_stats=stats,
     )
 
 

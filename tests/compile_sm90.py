@@ -187,6 +187,14 @@ def main() -> int:
                          num_stages=plan.num_stages),
                     f"write_kv_cache {dtype} D={head_dim}")
         count += 1
+    # kept-mass statistics (return_stats): an unsplit launch, the LSE buffer [T, H_q, 3]
+    for dtype, max_seqlen_q in (("bfloat16", 512), ("float32", 1)):
+        plan = plan_unified_attention(num_tokens=4096, num_seqs=8, dtype=dtype, max_seqlen_k=4096, n=2, m=4,
+                                      head_dim=128, max_seqlen_q=max_seqlen_q, num_q_heads=32, num_kv_heads=8,
+                                      num_kv_splits=1)
+        compile_one(unified_attention_kernel, dtype, plan.kernel_constexprs(**FULL_FLAGS, store_stats=True),
+                    f"unified_attention {dtype} 2:4 max_seqlen_q={max_seqlen_q} with kept-mass statistics")
+        count += 1
     for mask_type, out_dtype in (("*i1", "bfloat16"), ("*i8", "float16"), ("*i64", "float32"), ("*fp32", "bfloat16")):
         count += compile_mask_layout(mask_type, out_dtype)
     print(f"compiled {count} specializations for sm_90")
@@ -205,6 +213,36 @@ def compile_mask_layout(mask_type: str, out_dtype: str) -> int:
     assert compiled.asm.get("cubin")
     print(f"ok decode_mask_layout mask {mask_type} fill {out_dtype}", flush=True)
     return 1
+
+
+def ptx_digests() -> int:
+    """``python tests/compile_sm90.py --ptx-digest``: a digest of the PTX of a few default
+    specializations with source locations removed, to show that a kernel change leaves the
+    default launch's code unchanged (run before and after, compare; not part of CI)."""
+    import hashlib
+    import re
+
+    cases = [("bfloat16", dict(n=2, m=4, head_dim=128, max_seqlen_q=512, num_q_heads=32, num_kv_heads=8), PLAIN_FLAGS),
+             ("bfloat16", dict(n=4, m=4, head_dim=128, max_seqlen_q=512, num_q_heads=32, num_kv_heads=8), PLAIN_FLAGS),
+             ("bfloat16", dict(n=2, m=4, head_dim=64, max_seqlen_q=1, num_q_heads=32, num_kv_heads=8, num_sms=132),
+              FULL_FLAGS),
+             ("float32", dict(n=2, m=8, head_dim=64, max_seqlen_q=64, num_q_heads=4, num_kv_heads=4), FULL_FLAGS)]
+
+    def digest(ptx: str) -> str:
+        ptx = re.sub(r"//.*", "", ptx)
+        ptx = "\n".join(line for line in ptx.splitlines() if not re.match(r"\s*\.(loc|file)\b", line))
+        return hashlib.sha256(ptx.split(".section")[0].encode()).hexdigest()[:16]
+
+    for dtype, kwargs, flags in cases:
+        plan = plan_unified_attention(num_tokens=4096, num_seqs=8, dtype=dtype, max_seqlen_k=4096, **kwargs)
+        label = f"{dtype} {kwargs['n']}:{kwargs['m']} D={kwargs['head_dim']} max_seqlen_q={kwargs['max_seqlen_q']}"
+        compiled = compile_one(unified_attention_kernel, dtype, plan.kernel_constexprs(**flags), label)
+        print(f"digest {label}: {digest(compiled.asm['ptx'])}")
+        if plan.is_split:
+            compiled = compile_one(reduce_segments_kernel, dtype, plan.reduce_constexprs(store_lse=flags["store_lse"]),
+                                   f"reduce {label}")
+            print(f"digest reduce {label}: {digest(compiled.asm['ptx'])}")
+    return 0
 
 
 def sweep() -> int:
@@ -236,4 +274,6 @@ def sweep() -> int:
 
 
 if __name__ == "__main__":
+    if "--ptx-digest" in sys.argv[1:]:
+        sys.exit(ptx_digests())
     sys.exit(sweep() if "--sweep" in sys.argv[1:] else main())

@@ -519,6 +519,21 @@ def test_eager_decode_builds_its_layout_in_one_launch(monkeypatch, kernel_backen
         assert len(calls) == launches, backend
 
 
+def test_generate_under_inference_mode():
+    """Inference tensors have no version counter: the per-forward caches still work (the
+    same tokens as under no_grad)."""
+    model = tiny_model("llama")
+    model.set_attn_implementation("sparse24")
+    sparse24.hf.sparsify(model, TWO_FOUR)
+    ids, mask = left_padded_batch()
+    kw = dict(attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        want = model.generate(ids, **kw)
+    with torch.inference_mode():
+        got = model.generate(ids, **kw)
+    assert torch.equal(got, want)
+
+
 def test_decode_with_holes_outputs_nan():
     """A decode step cannot raise without a host read: a row whose mask has holes gets NaN
     (the other rows are unaffected)."""

@@ -4,7 +4,7 @@
 2. The foundation: ``sparse24.{config, validation, backends, layouts, reference,
    jax_reference}``: what the ops may import.
 3. The ops: ``sparse24.torch_ops`` (``torch_ops/``), ``sparse24.jax_ops`` (``jax_ops/``).
-4. The integrations on top: ``sparse24.{hf, flax, eval, demo, models, testing, __main__}``.
+4. The integrations on top: ``sparse24.{hf, flax, eval, plan, passkey, demo, models, testing, __main__}``.
 
 Every import statement counts, function-local ones included (they are still
 dependencies, only later). Relative imports are resolved through the package mapping of
@@ -25,7 +25,7 @@ FOLDERS = {"sparse24": "sparse24", "kernels": "sparse24.kernels", "torch_ops": "
 KERNELS = {"sparse24.kernels"}
 FOUNDATION = {f"sparse24.{m}" for m in ("config", "validation", "backends", "layouts", "reference", "jax_reference")}
 OPS = {"sparse24.torch_ops", "sparse24.jax_ops"}
-INTEGRATIONS = {f"sparse24.{m}" for m in ("hf", "hf_families", "flax", "eval", "plan", "demo", "models", "testing", "__main__")}
+INTEGRATIONS = {f"sparse24.{m}" for m in ("hf", "hf_families", "flax", "eval", "plan", "passkey", "demo", "models", "testing", "__main__")}
 FLOOR = {**{m: 1 for m in KERNELS}, **{m: 2 for m in FOUNDATION}, **{m: 3 for m in OPS},
          **{m: 4 for m in INTEGRATIONS}, "sparse24": 2}  # the package root exports SparsityConfig only
 

@@ -198,21 +198,23 @@ def launch_unified_attention(
     num_kv_splits: int,
     store_lse: bool,
     direct: bool = False,
+    store_stats: bool = False,
 ) -> None:
     """Launch the unified kernel on validated inputs; writes ``out`` [T, H_q, D] and
-    (when ``store_lse``) ``lse`` [T, H_q] fp32. ``num_kv_splits`` 0 = planner's choice.
+    (when ``store_lse``) ``lse`` [T, H_q] fp32, or with ``store_stats`` ``lse`` [T, H_q, 3]
+    fp32 (LSE, kept mass, kept keys). ``num_kv_splits`` 0 = planner's choice.
     ``direct``: launch the raw Triton kernels (eager calls outside the op dispatcher; the
     op itself always runs with the default False)."""
     _launch_unified(
         None, q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, out, lse, n, m, dense_sink_tokens,
         dense_recent_tokens, sparse_decode, causal, softmax_scale, window, softcap, max_seqlen_q, max_seqlen_k,
-        num_kv_splits, store_lse, direct,
+        num_kv_splits, store_lse, direct, store_stats,
     )
 
 
 def _launch_unified(state, q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, out, lse, n, m,
                     dense_sink_tokens, dense_recent_tokens, sparse_decode, causal, softmax_scale, window, softcap,
-                    max_seqlen_q, max_seqlen_k, num_kv_splits, store_lse, direct) -> None:
+                    max_seqlen_q, max_seqlen_k, num_kv_splits, store_lse, direct, store_stats=False) -> None:
     """:func:`launch_unified_attention`; ``state``: None, or a plan's dict (``torch_ops.api``)
     that keeps the launch description and the scratch outputs of its call form between calls."""
     launches = None if state is None else state.get("launches")
@@ -222,7 +224,7 @@ def _launch_unified(state, q, k_cache, v_cache, block_table, cu_seqlens_q, seq_l
             num_seqs=seq_lens.shape[0], n=n, m=m, dense_sink_tokens=dense_sink_tokens,
             dense_recent_tokens=dense_recent_tokens, sparse_decode=sparse_decode, causal=causal,
             softmax_scale=softmax_scale, window=window, softcap=softcap,
-            max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, store_lse=store_lse,
+            max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, store_lse=store_lse, store_stats=store_stats,
             num_kv_splits=num_kv_splits or None, num_sms=num_sms(q.device), interpret=INTERPRETED,
             q_strides=tuple(q.stride()), k_cache_strides=tuple(k_cache.stride()),
             v_cache_strides=tuple(v_cache.stride()), block_table_strides=tuple(block_table.stride()),

@@ -75,14 +75,21 @@ def _dispatch(
     return_lse: bool,
     host_metadata=None,
     state: dict | None = None,
+    return_stats: bool = False,
 ):
     """Run checked inputs on a resolved backend (no validation here). ``q [T, H_q, D]``,
     caches ``[num_blocks, block_size, H_kv, D]``, ``block_table [B, max_blocks]``,
     ``cu_seqlens_q [B + 1]`` (``cu_seqlens_q[-1] <= T``: rows past it belong to no sequence;
     the kernel leaves them unwritten), ``seq_lens [B]``, ``out`` None or ``[T, H_q, D]``.
     ``host_metadata``: the host copies the contract already read, if any (the reference
-    backend loops over sequences on the host and reuses them). Returns ``out`` or
-    ``(out, lse f32 [T, H_q])``."""
+    backend loops over sequences on the host and reuses them). Returns ``out``, or
+    ``(out, lse f32 [T, H_q])``, or with ``return_stats`` ``(out, KeptStats)`` (f32 [T, H_q]
+    each; its ``lse`` is the LSE)."""
+    if return_stats:
+        return _dispatch_stats(
+            backend, q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, out=out, config=config,
+            options=options, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, host_metadata=host_metadata,
+        )
     if backend == "reference":
         if host_metadata is not None:
             cu, kv = host_metadata[0].tolist(), host_metadata[1].tolist()
@@ -117,6 +124,40 @@ def _dispatch(
     return (out, lse) if return_lse else out
 
 
+def _dispatch_stats(backend, q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, *, out, config, options,
+                    max_seqlen_q, max_seqlen_k, host_metadata):
+    """:func:`_dispatch` with ``return_stats``: one unsplit launch whose LSE buffer holds
+    (LSE, kept mass, kept keys) per row; the reference backend asks the float64 reference."""
+    if backend == "reference":
+        out, _ = _dispatch(backend, q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, out=out, config=config,
+                           options=options, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, num_kv_splits=1,
+                           return_lse=True, host_metadata=host_metadata)
+        ref = _reference.kept_stats_reference(
+            q, k_cache, block_table, cu_seqlens_q, seq_lens, config=config, causal=options.causal,
+            softmax_scale=options.softmax_scale, window=options.window or None, softcap=options.softcap or None,
+        )
+        f32 = dict(dtype=torch.float32, device=q.device)
+        return out, _reference.KeptStats(*(t.to(**f32) for t in ref))
+    if out is None:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    buffer = torch.empty((q.shape[0], q.shape[1], 3), dtype=torch.float32, device=q.device)
+    buffer[..., 0] = float("-inf")  # what rows the kernel does not write (past cu_seqlens_q[-1]) read back
+    buffer[..., 1] = float("nan")
+    buffer[..., 2] = 0.0
+    if q.shape[0] > 0:
+        args = (
+            q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, out, buffer,
+            config.n, config.m, config.dense_sink_tokens, config.dense_recent_tokens, config.sparse_decode,
+            options.causal, options.softmax_scale, options.window, options.softcap,
+            int(max_seqlen_q), int(max_seqlen_k), 1, True,
+        )
+        if _eager(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, out):
+            _launch_unified(None, *args, True, True)
+        else:
+            torch.ops.sparse24.unified_attention(*args, False, True)
+    return out, _reference.KeptStats(buffer[..., 1], buffer[..., 2], buffer[..., 0])
+
+
 def unified_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -136,6 +177,7 @@ def unified_attention(
     max_seqlen_k: int | None = None,
     num_kv_splits: int | None = None,
     backend: str = "auto",
+    return_stats: bool = False,
 ):
     """N:M-sparse attention over a paged KV cache, prefill and decode mixed in one call.
 
@@ -181,9 +223,16 @@ def unified_attention(
         Results do not depend on it.
       backend: "auto" | "triton" | "interpret" | "reference" (``sparse24.backends``;
         "auto": triton on CUDA inputs, interpret in an interpreting process, else reference).
+      return_stats: also return what the selection keeps of each row's dense softmax, a
+        ``sparse24.reference.KeptStats`` of f32 [num_tokens, num_q_heads] tensors:
+        ``kept_mass`` = exp(lse_kept - lse_visible) (1: every visible key kept; NaN: no key
+        visible), ``kept_keys`` (the count) and ``lse``. Computed by the same kernel in one
+        unsplit launch (a compile-time path: the default launch's code is unchanged);
+        ``num_kv_splits`` must be None or 1. Replaces ``return_lse``'s lse.
 
     Returns:
-      out [num_tokens, num_q_heads, head_dim] in q's dtype, or ``(out, lse)``.
+      out [num_tokens, num_q_heads, head_dim] in q's dtype, or ``(out, lse)``, or
+      ``(out, stats)`` with ``return_stats``.
 
     Example::
 
@@ -199,12 +248,14 @@ def unified_attention(
         q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, config=config, causal=causal,
         softmax_scale=softmax_scale, window=window, softcap=softcap, return_lse=return_lse, out=out,
         max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, num_kv_splits=num_kv_splits, backend=backend,
+        return_stats=return_stats,
     )
     # the plan's path without a plan object (torch.compile traces this function; a plan is for eager reuse)
     return _dispatch(
         chosen, q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, out=out, config=prepared.config,
         options=prepared.options, max_seqlen_q=prepared.max_seqlen_q, max_seqlen_k=prepared.max_seqlen_k,
         num_kv_splits=prepared.num_kv_splits, return_lse=prepared.return_lse, host_metadata=prepared.metadata,
+        return_stats=prepared.return_stats,
     )
 
 
@@ -240,7 +291,7 @@ class UnifiedAttentionPlan:
 
         state = self.state
         if (self.backend != "triton" or INTERPRETED or not FAST_LAUNCH or self.prepared.return_lse
-                or "launches" not in state or "no_lse" not in state):
+                or self.prepared.return_stats or "launches" not in state or "no_lse" not in state):
             return None
         fixed = dict(state.get("scratch", {}), lse=state["no_lse"])
         arrays = (q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, out)
@@ -254,6 +305,7 @@ class UnifiedAttentionPlan:
             self.backend, q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, out=out, config=p.config,
             options=p.options, max_seqlen_q=p.max_seqlen_q, max_seqlen_k=p.max_seqlen_k,
             num_kv_splits=p.num_kv_splits, return_lse=p.return_lse, host_metadata=p.metadata, state=self.state,
+            return_stats=p.return_stats,
         )
 
 
@@ -276,6 +328,7 @@ def plan_unified_attention(
     max_seqlen_k: int | None = None,
     num_kv_splits: int | None = None,
     backend: str = "auto",
+    return_stats: bool = False,
 ) -> UnifiedAttentionPlan:
     """Check a :func:`unified_attention` call once (same arguments, same errors) and return
     its :class:`UnifiedAttentionPlan`; ``plan_unified_attention(...)(q, k_cache, v_cache,
@@ -286,6 +339,7 @@ def plan_unified_attention(
         q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, config=config, causal=causal,
         softmax_scale=softmax_scale, window=window, softcap=softcap, return_lse=return_lse, out=out,
         max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, num_kv_splits=num_kv_splits, backend=backend,
+        return_stats=return_stats,
     ))
 
 
