@@ -57,6 +57,8 @@ __all__ = [
     "perplexity",
     "sdpa_perplexity",
     "per_layer_sweep",
+    "kept_mass_study",
+    "spearman",
     "main",
 ]
 
@@ -372,6 +374,106 @@ def per_layer_sweep(model, tokens, context: int, config, *, backend: str | None 
     return results
 
 
+def kept_mass_study(model, tokens, context: int, config, *, backend: str | None = None,
+                    progress: _Progress | None = None) -> dict:
+    """What ``config`` keeps of the dense softmax, per layer and head, on the evaluation's
+    windows (their scored positions only, so each position counts once): the kernel's
+    ``return_stats`` through :func:`sparse24.hf.collect_kept_mass`.
+
+    Returns:
+        ``{"context", "config", "tokens", "layers": {layer: {"mean": [H], "std": [H] (over
+        positions), "rows": int, "kept_keys": [H] (mean)}}}``. The model is left dense.
+    """
+    import torch
+
+    import sparse24.hf
+
+    device = next(model.parameters()).device
+    backend = _backend_for(backend, device)
+    ids = torch.as_tensor(tokens, dtype=torch.long).to(device)
+    wins = windows(len(ids), context)
+    if progress is not None:
+        progress.set_description(f"kept mass, context {context}")
+    try:
+        _apply(model, config, backend)
+        with sparse24.hf.collect_kept_mass() as collector:
+            for begin, end, first in wins:
+                collector.rows = slice(first - begin, end - begin)
+                with torch.inference_mode():
+                    model(input_ids=ids[begin:end][None], use_cache=False, logits_to_keep=1)
+                if progress is not None:
+                    progress.update()
+            layers = collector.summary()
+    finally:
+        _apply(model, _dense(), backend)
+    return {"context": context, "config": str(config), "tokens": sum(end - first for _, end, first in wins),
+            "layers": layers}
+
+
+def _ranks(values) -> list[float]:
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    ranks = [0.0] * len(values)
+    i = 0
+    while i < len(order):  # ties share their mean rank
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            ranks[order[k]] = (i + j) / 2.0
+        i = j + 1
+    return ranks
+
+
+def spearman(x, y) -> float:
+    """Spearman's rank correlation of two equal-length sequences (ties: mean ranks); NaN when
+    either is constant."""
+    if len(x) != len(y) or len(x) < 2:
+        raise ValueError(f"spearman needs two sequences of one length >= 2, got {len(x)} and {len(y)}")
+    rx, ry = _ranks(list(x)), _ranks(list(y))
+    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
+    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
+    vx = sum((a - mx) ** 2 for a in rx)
+    vy = sum((b - my) ** 2 for b in ry)
+    return cov / math.sqrt(vx * vy) if vx > 0 and vy > 0 else float("nan")
+
+
+def format_kept_mass(study: dict) -> str:
+    head = (f"{'layer':>5} {'kept mass':>9} {'min head':>8} {'max head':>8} {'spread':>7} {'kept keys':>9}"
+            f"   (mean over heads; spread = mean over heads of the std over positions)")
+    lines = [f"kept softmax mass of {study['config']}, context {study['context']}, {study['tokens']} positions",
+             head, "-" * 56]
+    for layer, row in study["layers"].items():
+        mean = row["mean"]
+        lines.append(f"{layer:>5} {sum(mean) / len(mean):>9.4f} {min(mean):>8.4f} {max(mean):>8.4f} "
+                     f"{sum(row['std']) / len(row['std']):>7.4f} {sum(row['kept_keys']) / len(mean):>9.1f}")
+    return "\n".join(lines)
+
+
+def plot_kept_mass(study: dict, path, *, title: str = "") -> pathlib.Path:
+    """Heat map of the mean kept mass, layers (rows) x heads (columns), to a PNG."""
+    matplotlib = _require_matplotlib()
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    layers = list(study["layers"])
+    grid = [study["layers"][layer]["mean"] for layer in layers]
+    heads = len(grid[0])
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.45 * heads + 2.5), max(3.0, 0.22 * len(layers) + 1.5)))
+    image = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=min(min(r) for r in grid), vmax=1.0)
+    ax.set_xlabel("query head")
+    ax.set_ylabel("layer")
+    ax.set_xticks(range(heads))
+    ax.set_yticks(range(len(layers)), [str(layer) for layer in layers], fontsize=7)
+    ax.set_title(title or f"kept softmax mass, {study['config']}, context {study['context']}", fontsize=8, wrap=True)
+    fig.colorbar(image, ax=ax, label="kept mass (1 = nothing lost)")
+    fig.tight_layout()
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 # ----------------------------------------------------------------------------- output
 
 
@@ -550,6 +652,14 @@ def build_parser(prog: str = "sparse24 eval", *, plan_command: bool = False) -> 
         parser.add_argument("--plot", default=None, metavar="PNG",
                             help="--per-layer: write the chart here (default: sparse24-per-layer.png; needs "
                                  "matplotlib)")
+        parser.add_argument("--stats", action="store_true",
+                            help="kept softmax mass per layer x head of the first --sparsity config (default "
+                                 f"{DEFAULT_PER_LAYER_SPARSITY}; the kernel's return_stats), first --contexts value, "
+                                 f"budget {DEFAULT_PER_LAYER_TOKENS} tokens by default: a table, the JSON and a heat "
+                                 "map; with --per-layer also the rank correlation of each layer's lost mass with its "
+                                 "perplexity sensitivity")
+        parser.add_argument("--stats-plot", default=None, metavar="PNG",
+                            help="--stats: write the heat map here (default: sparse24-kept-mass.png; needs matplotlib)")
         parser.add_argument("--plan", default=None, metavar="JSON",
                             help="also evaluate this per-layer plan (from sparse24 plan; a sparse24 plan JSON or "
                                  "ModelOpt's sparse_cfg JSON) as one more row")
@@ -635,15 +745,20 @@ def main(argv: list[str] | None = None, *, prog: str = "sparse24 eval", plan_com
     args = parser.parse_args(argv)
     if plan_command:  # the search runs the per-layer sweep first
         args.per_layer, args.plot, args.plan, args.compare_sdpa = True, None, None, False
+        args.stats, args.stats_plot = False, None
+    if args.stats_plot and not args.stats:
+        parser.error("--stats-plot goes with --stats")
+    if args.stats and args.plan:
+        parser.error("--stats studies one --sparsity config; --plan is evaluated in the table mode")
 
     from sparse24 import SparsityConfig
 
-    default_sparsity = DEFAULT_PER_LAYER_SPARSITY if args.per_layer else DEFAULT_SPARSITY
+    default_sparsity = DEFAULT_PER_LAYER_SPARSITY if args.per_layer or args.stats else DEFAULT_SPARSITY
     try:
         configs = [SparsityConfig.parse(s) for s in (args.sparsity or [default_sparsity])]
     except (TypeError, ValueError) as exc:
         parser.error(str(exc))
-    max_tokens = args.max_tokens or (DEFAULT_PER_LAYER_TOKENS if args.per_layer else DEFAULT_MAX_TOKENS)
+    max_tokens = args.max_tokens or (DEFAULT_PER_LAYER_TOKENS if args.per_layer or args.stats else DEFAULT_MAX_TOKENS)
     if args.device is not None:
         try:
             args.device = _check_device(args.device)
@@ -778,6 +893,8 @@ def main(argv: list[str] | None = None, *, prog: str = "sparse24 eval", plan_com
             path = pathlib.Path(args.modelopt)
             path.write_text(json.dumps(cfg, indent=2) + "\n")
             print(f"modelopt sparse_cfg: {path}")
+    elif args.stats and not args.per_layer:
+        _run_stats(args, model, tokens, configs[0], model_name, report, None)
     elif args.per_layer:
         context = args.contexts[0]
         import sparse24.hf
@@ -799,6 +916,8 @@ def main(argv: list[str] | None = None, *, prog: str = "sparse24 eval", plan_com
                                            f"{results[0].tokens} tokens")
             print(f"plot: {written}")
             report["per_layer"]["plot"] = str(written)
+        if args.stats:
+            _run_stats(args, model, tokens, configs[0], model_name, report, results)
     else:
         all_configs = [SparsityConfig.dense()] + configs
         names = ["dense"] + [config_label(c) for c in configs]
@@ -841,6 +960,38 @@ def main(argv: list[str] | None = None, *, prog: str = "sparse24 eval", plan_com
         path.write_text(json.dumps(report, indent=2) + "\n")
         print(f"json: {path}")
     return 0
+
+
+def _run_stats(args, model, tokens, config, model_name, report: dict, per_layer) -> None:
+    """``--stats``: the kept-mass study (table, heat map, JSON) and, after ``--per-layer``,
+    the rank correlation of lost mass (1 - kept) with the per-layer sensitivity."""
+    context = args.contexts[0]
+    progress = _Progress(len(windows(len(tokens), context)), "kept mass", enabled=not args.no_progress)
+    try:
+        study = kept_mass_study(model, tokens, context, config, backend=args.backend, progress=progress)
+    finally:
+        progress.close()
+    print(format_kept_mass(study))
+    report["kept_mass"] = study
+    try:
+        written = plot_kept_mass(study, args.stats_plot or "sparse24-kept-mass.png",
+                                 title=f"{model_name}: kept softmax mass, {config_label(config)}, context {context}")
+        print(f"heat map: {written}")
+        study["plot"] = str(written)
+    except ImportError as exc:
+        if args.stats_plot:
+            raise
+        print(f"note: {exc}; no heat map", file=sys.stderr)
+    if per_layer is not None:
+        rows = {r.layer: r for r in per_layer[1:]}
+        layers = [layer for layer in study["layers"] if layer in rows]
+        lost = [1.0 - sum(study["layers"][layer]["mean"]) / len(study["layers"][layer]["mean"]) for layer in layers]
+        rho_ppl = spearman(lost, [rows[layer].delta_pct for layer in layers])
+        rho_kl = spearman(lost, [rows[layer].kl for layer in layers])
+        print(f"rank correlation (Spearman) over {len(layers)} layers of the lost mass (1 - kept) with the "
+              f"perplexity increase: {rho_ppl:+.3f}; with KL(dense||sparse): {rho_kl:+.3f}")
+        study["spearman_lost_mass_vs_perplexity"] = rho_ppl
+        study["spearman_lost_mass_vs_kl"] = rho_kl
 
 
 def _read_plan(plans, data, model):

@@ -400,6 +400,78 @@ class _DirectCalls:
 _DIRECT = _DirectCalls()
 
 
+class KeptMassCollector:
+    """Per layer and head, what the N:M selection keeps of the dense softmax (the kernel's
+    ``return_stats``), accumulated on the device over the forwards run inside
+    :func:`collect_kept_mass`: ``layers[layer] = (mass_sum [H], mass_sq_sum [H], rows [H],
+    kept_keys_sum [H])``. ``rows`` (a ``slice`` of query positions, or None = all) limits the
+    rows counted (an evaluation's scored positions). Rows without a real query (padding) are
+    not counted."""
+
+    def __init__(self):
+        self.layers: dict = {}
+        self.rows: slice | None = None
+
+    def add(self, layer: int, batch: int, q_len: int, stats, packed_rows=None) -> None:
+        """``stats``: the kernel's KeptStats of the packed rows [T, H]; ``packed_rows``: None
+        (packed row b * q_len + i is query (b, i)) or the layout's ``rows`` [B * q_len]
+        (the packed row of each query, T = none)."""
+        mass, kept = stats.kept_mass, stats.kept_keys
+        if packed_rows is not None:
+            total = mass.shape[0]
+            real = (packed_rows < total)[:, None]
+            index = packed_rows.clamp(max=total - 1)
+            mass = torch.where(real, mass[index], float("nan"))
+            kept = torch.where(real, kept[index], 0.0)
+        mass = mass[: batch * q_len].view(batch, q_len, -1)  # [B, Lq, H]
+        kept = kept[: batch * q_len].view(batch, q_len, -1)
+        if self.rows is not None:
+            mass, kept = mass[:, self.rows], kept[:, self.rows]
+        real = torch.isfinite(mass)
+        m = torch.where(real, mass, 0.0).double()
+        sums = (m.sum((0, 1)), (m * m).sum((0, 1)), real.sum((0, 1)).double(),
+                torch.where(real, kept, 0.0).double().sum((0, 1)))
+        if layer in self.layers:
+            self.layers[layer] = tuple(a + b for a, b in zip(self.layers[layer], sums))
+        else:
+            self.layers[layer] = sums
+
+    def summary(self) -> dict:
+        """``{layer: {"mean": [H], "std": [H] (over positions), "rows": int, "kept_keys": [H]
+        (mean)}}`` on the host (one read)."""
+        out = {}
+        for layer in sorted(self.layers):
+            total, squares, rows, kept = (t.cpu() for t in self.layers[layer])
+            n = rows.clamp(min=1)
+            mean = total / n
+            std = (squares / n - mean * mean).clamp(min=0).sqrt()
+            out[layer] = {"mean": mean.tolist(), "std": std.tolist(), "rows": int(rows.max()),
+                          "kept_keys": (kept / n).tolist()}
+        return out
+
+
+_COLLECTOR: list = []  # the active KeptMassCollector, if any
+
+
+class collect_kept_mass:
+    """``with sparse24.hf.collect_kept_mass() as stats: model(...)``: the sparse24 layers of
+    the forwards inside run the kernel with ``return_stats`` (one unsplit launch, eager, no
+    plan reuse) and add their per-head kept softmax mass to ``stats``
+    (:class:`KeptMassCollector`). Layers are keyed by ``module.layer_idx``."""
+
+    def __init__(self, collector: KeptMassCollector | None = None):
+        self.collector = collector or KeptMassCollector()
+
+    def __enter__(self) -> KeptMassCollector:
+        if _COLLECTOR:
+            raise RuntimeError("collect_kept_mass() is already active")
+        _COLLECTOR.append(self.collector)
+        return self.collector
+
+    def __exit__(self, *exc) -> None:
+        _COLLECTOR.clear()
+
+
 def attention_forward(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -445,7 +517,7 @@ def attention_forward(
             )
     can_sync = _can_sync()
     direct_key = None
-    if q_len == 1 and can_sync and not window:  # an eager decode step: the layers after the first launch directly
+    if q_len == 1 and can_sync and not window and not _COLLECTOR:  # an eager decode step: later layers launch directly
         direct_key = (query.shape, query.stride(), key.shape, key.stride(), value.shape, value.stride(), query.dtype,
                       key.dtype, value.dtype, query.device, id(config), backend, causal, window, softcap, scaling,
                       id(attention_mask))
@@ -473,7 +545,10 @@ def attention_forward(
     options = dict(config=config, causal=bool(causal), softmax_scale=scaling, window=int(window) if window else None,
                    softcap=float(softcap) if softcap else None, max_seqlen_q=layout.max_seqlen_q,
                    max_seqlen_k=layout.max_seqlen_k, backend=backend)
-    if can_sync:  # the contract is checked once per call form (a forward pass's first layer)
+    if _COLLECTOR and can_sync:  # a kept-mass study: the statistics path, eager
+        _, stats = unified_attention(q_packed, k_cache, v_cache, *tables, out=out_packed, return_stats=True, **options)
+        _COLLECTOR[0].add(getattr(module, "layer_idx", id(module)), batch, q_len, stats, layout.rows)
+    elif can_sync:  # the contract is checked once per call form (a forward pass's first layer)
         form = (q_packed.shape, q_packed.stride(), q_packed.dtype, q_packed.device, k_cache.shape, k_cache.stride(),
                 k_cache.dtype, k_cache.device, v_cache.shape, v_cache.stride(), v_cache.dtype, v_cache.device,
                 layout.block_table.shape, *options.values())

@@ -242,18 +242,40 @@ def test_eval_cli_end_to_end(lm, tmp_path, capsys):
 
 def test_per_layer_sweep_writes_png(lm, tmp_path, capsys):
     pytest.importorskip("matplotlib", reason="--per-layer --plot needs matplotlib (pip install matplotlib)")
-    png, out = tmp_path / "layers.png", tmp_path / "layers.json"
+    png, out, heat = tmp_path / "layers.png", tmp_path / "layers.json", tmp_path / "heat.png"
     assert main(["eval", "--per-layer", "--max-tokens", "96", "--contexts", "96", "--sparsity", "2:4,recent=0",
-                 "--plot", str(png), "--json", str(out), "--no-progress"]) == 0
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+                 "--plot", str(png), "--json", str(out), "--no-progress", "--stats", "--stats-plot", str(heat)]) == 0
+    assert png.read_bytes()[:8] == heat.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     printed = capsys.readouterr().out
-    assert "per-layer sensitivity" in printed
-    sweep = json.loads(out.read_text())["per_layer"]
+    assert "per-layer sensitivity" in printed and "kept softmax mass of 2:4" in printed
+    report = json.loads(out.read_text())
+    study = report["kept_mass"]  # --stats: per layer x head, the kernel's statistics path
+    assert study["context"] == 96 and study["tokens"] == 95 and len(study["layers"]) == 30
+    for row in study["layers"].values():
+        assert len(row["mean"]) == 9 and all(0.0 < m <= 1.0 for m in row["mean"]) and row["rows"] == 95
+        assert all(s >= 0 for s in row["std"])
+    assert min(min(r["mean"]) for r in study["layers"].values()) < 0.99  # 2:4 without dense keys loses mass
+    for key in ("spearman_lost_mass_vs_perplexity", "spearman_lost_mass_vs_kl"):
+        assert -1.0 <= study[key] <= 1.0
+    sweep = report["per_layer"]
     rows = sweep["results"]
     assert sweep["context"] == 96 and len(rows) == 31
     assert rows[0]["config"] == "dense" and [r["layer"] for r in rows[1:]] == list(range(30))
     assert all(math.isfinite(r["perplexity"]) for r in rows)
     assert any(r["kl"] > 0 for r in rows[1:])
+
+
+def test_spearman():
+    assert ev.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert ev.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert ev.spearman([1, 2, 2, 3], [1, 3, 2, 4]) == pytest.approx(3 / math.sqrt(10))  # ties share the mean rank
+    assert math.isnan(ev.spearman([1, 1, 1], [1, 2, 3]))
+    with pytest.raises(ValueError, match="one length >= 2"):
+        ev.spearman([1, 2], [1])
+
+
+def test_stats_argument_rules(capsys):
+    _one_line_error(capsys, ["eval", "--stats-plot", "x.png", "--no-progress"], "--stats-plot goes with --stats")
 
 
 def test_plot_without_matplotlib_is_a_clear_error(tmp_path, monkeypatch, capsys):

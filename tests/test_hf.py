@@ -534,6 +534,38 @@ def test_generate_under_inference_mode():
     assert torch.equal(got, want)
 
 
+def test_collect_kept_mass_per_layer_and_head(kernel_backend):
+    """``collect_kept_mass``: per layer and head, the kernel's kept mass over the real query
+    rows of a left-padded batch (padding not counted), the same from the reference backend;
+    exactly 1 for a dense config; the collector is off again afterwards."""
+    ids, mask = left_padded_batch()
+    summaries = {}
+    for backend in (kernel_backend[0], "reference"):
+        for name, config in (("2:4", SparsityConfig(n=2, m=4, dense_recent_tokens=0)), ("dense", SparsityConfig.dense())):
+            model = tiny_model("llama")
+            model.set_attn_implementation("sparse24")
+            sparse24.hf.sparsify(model, config, backend=backend)
+            with torch.no_grad(), sparse24.hf.collect_kept_mass() as stats:
+                model(ids, attention_mask=mask)
+            summaries[backend, name] = stats.summary()
+    assert not sparse24.hf._COLLECTOR
+    real = int(mask.sum())
+    for (backend, name), summary in summaries.items():
+        assert sorted(summary) == [0, 1]
+        for row in summary.values():
+            assert row["rows"] == real and len(row["mean"]) == 4
+            if name == "dense":
+                assert row["mean"] == [1.0] * 4
+            else:
+                assert all(0.3 < m < 1.0 for m in row["mean"])
+    for layer in (0, 1):
+        torch.testing.assert_close(torch.tensor(summaries[kernel_backend[0], "2:4"][layer]["mean"]),
+                                   torch.tensor(summaries["reference", "2:4"][layer]["mean"]), atol=1e-5, rtol=0)
+    with pytest.raises(RuntimeError, match="already active"), sparse24.hf.collect_kept_mass():
+        with sparse24.hf.collect_kept_mass():
+            pass
+
+
 def test_decode_with_holes_outputs_nan():
     """A decode step cannot raise without a host read: a row whose mask has holes gets NaN
     (the other rows are unaffected)."""

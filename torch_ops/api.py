@@ -132,12 +132,17 @@ def _dispatch_stats(backend, q, k_cache, v_cache, block_table, cu_seqlens_q, seq
         out, _ = _dispatch(backend, q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, out=out, config=config,
                            options=options, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, num_kv_splits=1,
                            return_lse=True, host_metadata=host_metadata)
+        rows = int(cu_seqlens_q[-1])  # the reference's contract: rows past cu_seqlens_q[-1] are no one's
         ref = _reference.kept_stats_reference(
-            q, k_cache, block_table, cu_seqlens_q, seq_lens, config=config, causal=options.causal,
+            q[:rows], k_cache, block_table, cu_seqlens_q, seq_lens, config=config, causal=options.causal,
             softmax_scale=options.softmax_scale, window=options.window or None, softcap=options.softcap or None,
         )
-        f32 = dict(dtype=torch.float32, device=q.device)
-        return out, _reference.KeptStats(*(t.to(**f32) for t in ref))
+        stats = []
+        for t, fill in zip(ref, (float("nan"), 0.0, float("-inf"))):
+            full = torch.full(q.shape[:2], fill, dtype=torch.float32, device=q.device)
+            full[:rows] = t
+            stats.append(full)
+        return out, _reference.KeptStats(*stats)
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     buffer = torch.empty((q.shape[0], q.shape[1], 3), dtype=torch.float32, device=q.device)
