@@ -186,14 +186,20 @@ def greedy_layers(sensitivities: Mapping[int, float], budget_pct: float) -> tupl
 
 
 def search(model, tokens: Sequence[int], context: int, config: SparsityConfig, budget_pct: float, *,
-           backend: Optional[str] = None, progress=None, max_backoff: int = 8) -> tuple[Plan, list]:
+           backend: Optional[str] = None, progress=None, max_backoff: int = 8, sweep=None) -> tuple[Plan, list]:
     """The budgeted plan search described in the module docstring. Returns (plan, rows): the
-    per-layer sweep's results, then each check run's (dense, plan) results."""
+    per-layer sweep's results, then each check run's (dense, plan) results. ``sweep``: the
+    results of ``sparse24.eval.per_layer_sweep(model, tokens, context, config)`` if already
+    run (the same arguments), else it is run here."""
     from sparse24 import eval as ev
 
     if not isinstance(budget_pct, (int, float)) or isinstance(budget_pct, bool) or not budget_pct >= 0:
         raise ValueError(f"budget_pct must be a number >= 0 (percent), got {budget_pct!r}")
-    sweep = ev.per_layer_sweep(model, tokens, context, config, backend=backend, progress=progress)
+    if sweep is None:
+        sweep = ev.per_layer_sweep(model, tokens, context, config, backend=backend, progress=progress)
+    elif sweep[0].context != context or any(r.config != f"layer {r.layer}: {ev.config_label(config)}"
+                                            for r in sweep[1:]):
+        raise ValueError(f"sweep must be per_layer_sweep's results for context {context} and config {config}")
     num_layers = len(sweep) - 1
     sens = {r.layer: r.delta_pct for r in sweep[1:]}
     chosen, predicted = greedy_layers(sens, budget_pct)

@@ -148,3 +148,19 @@ def test_plan_command_writes_a_plan_that_eval_reads(tmp_path, capsys, monkeypatc
     assert main(["plan", "--budget", "50%", "--max-tokens", "96", "--contexts", "48", "--out", str(out),
                  "--modelopt", str(mo), "--no-progress"]) == 2  # sparse_decode=true cannot go to ModelOpt
     assert "decode rows" in capsys.readouterr().err
+
+
+def test_search_takes_a_matching_sweep_only():
+    """``search(..., sweep=)`` reuses a per-layer sweep of the same context and config, and
+    refuses another's (before running anything)."""
+    from sparse24.eval import Result
+
+    config = SparsityConfig.parse("2:4,recent=0")
+    rows = [Result(context=96, config="dense", perplexity=10.0, nll=2.3, kl=0.0, top1=1.0, tokens=95, windows=1,
+                   seconds=0.0)]
+    rows.append(Result(context=96, config="layer 0: 4:8,recent=0", perplexity=10.1, nll=2.31, kl=0.01, top1=0.99,
+                       tokens=95, windows=1, seconds=0.0, layer=0))
+    with pytest.raises(ValueError, match="per_layer_sweep's results for context 96"):
+        plans.search(None, [], 96, config, 1.0, sweep=rows)
+    with pytest.raises(ValueError, match="context 128"):
+        plans.search(None, [], 128, SparsityConfig.parse("4:8,recent=0"), 1.0, sweep=rows)
