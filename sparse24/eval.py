@@ -740,6 +740,43 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def runtime(parser: argparse.ArgumentParser, args, prog: str):
+    """The run-time choices of a CLI with eval's --device / --backend / --threads: the
+    interpreter set up before anything imports triton, the device checked, torch's thread
+    count set, the backend resolved, transformers' progress bars off. Errors go through
+    ``parser.error`` (one line). Returns (device, threads, backend)."""
+    if args.backend == "interpret":  # Triton decides interpreted-or-compiled at import
+        from sparse24.backends import use_interpreter_if_no_gpu
+
+        try:
+            use_interpreter_if_no_gpu(force=True)
+        except RuntimeError as exc:
+            parser.error(f"--backend interpret: {exc}")
+
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device here")
+    if args.backend == "triton" and torch.device(device).type != "cuda":
+        parser.error("--backend triton needs --device cuda (on the CPU use reference or interpret)")
+    if args.backend == "interpret" and torch.device(device).type == "cuda":
+        parser.error("--backend interpret runs on the CPU (--device cpu)")
+    threads = args.threads or _default_threads()
+    torch.set_num_threads(threads)
+    try:
+        backend = _backend_for(args.backend, device)
+    except ValueError as exc:
+        parser.error(str(exc))
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        parser.error(f"{prog} needs transformers: pip install 'sparse24[hf]'")
+    return device, threads, backend
+
+
 def main(argv: list[str] | None = None, *, prog: str = "sparse24 eval", plan_command: bool = False) -> int:
     parser = build_parser(prog, plan_command=plan_command)
     args = parser.parse_args(argv)
@@ -799,38 +836,10 @@ def main(argv: list[str] | None = None, *, prog: str = "sparse24 eval", plan_com
             print(f"note: {exc}; printing the sweep without a plot", file=sys.stderr)
             plot_path = None
 
-    # Triton decides interpreted-or-compiled at import: set it before anything imports triton.
-    if args.backend == "interpret":
-        from sparse24.backends import use_interpreter_if_no_gpu
-
-        try:
-            use_interpreter_if_no_gpu(force=True)
-        except RuntimeError as exc:
-            parser.error(f"--backend interpret: {exc}")
-
+    device, threads, backend = runtime(parser, args, prog)
     import torch
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device here")
-    if args.backend == "triton" and torch.device(device).type != "cuda":
-        parser.error("--backend triton needs --device cuda (on the CPU use reference or interpret)")
-    if args.backend == "interpret" and torch.device(device).type == "cuda":
-        parser.error("--backend interpret runs on the CPU (--device cpu)")
-    threads = args.threads or _default_threads()
-    torch.set_num_threads(threads)
     dtype = getattr(torch, args.dtype)
-    try:
-        backend = _backend_for(args.backend, device)
-    except ValueError as exc:
-        parser.error(str(exc))
-
-    try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-    except ImportError:
-        parser.error("sparse24 eval needs transformers: pip install 'sparse24[hf]'")
     from sparse24.models import load_model
 
     t0 = time.time()

@@ -301,35 +301,9 @@ def main(argv: list[str] | None = None, *, prog: str = "sparse24 passkey") -> in
     if args.model is not None and not pathlib.Path(args.model).expanduser().exists():
         parser.error(f"--model {args.model}: no such file or folder (a local Hugging Face model folder or a "
                      ".gguf file; sparse24 passkey runs offline)")
-    if args.backend == "interpret":  # before anything imports triton
-        from sparse24.backends import use_interpreter_if_no_gpu
-
-        try:
-            use_interpreter_if_no_gpu(force=True)
-        except RuntimeError as exc:
-            parser.error(f"--backend interpret: {exc}")
-
+    device, threads, backend = ev.runtime(parser, args, prog)
     import torch
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device here")
-    if args.backend == "triton" and torch.device(device).type != "cuda":
-        parser.error("--backend triton needs --device cuda (on the CPU use reference or interpret)")
-    if args.backend == "interpret" and torch.device(device).type == "cuda":
-        parser.error("--backend interpret runs on the CPU (--device cpu)")
-    threads = args.threads or ev._default_threads()
-    torch.set_num_threads(threads)
-    try:
-        backend = ev._backend_for(args.backend, device)
-    except ValueError as exc:
-        parser.error(str(exc))
-    try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-    except ImportError:
-        parser.error("sparse24 passkey needs transformers: pip install 'sparse24[hf]'")
     from sparse24.models import load_model
 
     t0 = time.time()
