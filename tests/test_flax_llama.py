@@ -232,8 +232,15 @@ def test_attention_spec_and_loading_errors(small):
         resolve_attention("2:4", 2)
     with pytest.raises(TypeError):
         resolve_attention({0: "2:4"}, 2)
+    from sparse24.plan import Plan
+
+    plan = Plan.from_json(Plan({1: TWO_FOUR}, 2).to_json())  # a `sparse24 plan` JSON, read back
+    assert resolve_attention(plan, 2) == [DENSE, TWO_FOUR]
+    with pytest.raises(ValueError, match="plan is for 2 attention layers, the model has 3"):
+        resolve_attention(plan, 3)
     _, model, _ = small
     assert model.set_attention({0: TWO_FOUR}).layer_configs() == [TWO_FOUR, DENSE]
+    assert model.set_attention(plan).layer_configs() == [DENSE, TWO_FOUR]
     with pytest.raises(ValueError, match="config is required"):
         load_from_hf({}, None)
     with pytest.raises(KeyError, match="embed_tokens"):

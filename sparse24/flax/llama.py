@@ -16,7 +16,8 @@ Llama (e.g. SmolLM2-135M-Instruct from ``sparse24.models.load_model``)::
     ids = tokenizer("The capital of France is")["input_ids"]
     new_tokens = model.generate([ids], max_new_tokens=20)[0]
 
-``attention`` is ``"dense"``, a :class:`~sparse24.SparsityConfig` for every layer, or
+``attention`` is ``"dense"``, a :class:`~sparse24.SparsityConfig` for every layer,
+a ``sparse24.plan.Plan`` (from ``sparse24 plan``), or
 ``{layer_index: SparsityConfig | None}`` (None and layers not named are dense), as in
 ``sparse24.hf.sparsify``.
 """
@@ -106,7 +107,13 @@ class LlamaConfig:
 
 
 def resolve_attention(attention, num_layers: int) -> list[SparsityConfig]:
-    """``"dense"`` | SparsityConfig | ``{layer: SparsityConfig | None}`` -> one config per layer."""
+    """``"dense"`` | SparsityConfig | ``{layer: SparsityConfig | None}`` | a
+    ``sparse24.plan.Plan`` (``sparse24 plan``'s JSON, ``Plan.from_json``; made for a model with
+    the same number of layers) -> one config per layer."""
+    if hasattr(attention, "for_sparsify"):  # a sparse24.plan.Plan
+        if attention.num_layers != num_layers:
+            raise ValueError(f"the plan is for {attention.num_layers} attention layers, the model has {num_layers}")
+        attention = attention.for_sparsify()
     if isinstance(attention, str):
         if attention != "dense":
             raise ValueError(f'attention must be "dense", a SparsityConfig or a dict, got {attention!r}')
