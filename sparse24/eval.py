@@ -232,6 +232,17 @@ def _window_logprobs(model, ids, begin: int, end: int, first: int):
     return torch.log_softmax(logits.float(), dim=-1)
 
 
+def _on_model(model, tokens, context: int, backend, progress, description: str):
+    """(resolved backend, token ids on the model's device, the strided windows) of one run."""
+    import torch
+
+    device = next(model.parameters()).device
+    ids = torch.as_tensor(tokens, dtype=torch.long).to(device)
+    if progress is not None:
+        progress.set_description(description)
+    return _backend_for(backend, device), ids, windows(len(ids), context)
+
+
 def evaluate(
     model,
     tokens,
@@ -259,14 +270,7 @@ def evaluate(
     Returns:
         One :class:`Result` per config, in order. The model is left dense.
     """
-    import torch
-
-    device = next(model.parameters()).device
-    backend = _backend_for(backend, device)
-    ids = torch.as_tensor(tokens, dtype=torch.long).to(device)
-    wins = windows(len(ids), context)
-    if progress is not None:
-        progress.set_description(f"context {context}")
+    backend, ids, wins = _on_model(model, tokens, context, backend, progress, f"context {context}")
     configs = list(configs)
     names = list(names) if names is not None else [config_label(c) for c in configs]
     accs = [_Acc() for _ in configs]
@@ -388,12 +392,7 @@ def kept_mass_study(model, tokens, context: int, config, *, backend: str | None 
 
     import sparse24.hf
 
-    device = next(model.parameters()).device
-    backend = _backend_for(backend, device)
-    ids = torch.as_tensor(tokens, dtype=torch.long).to(device)
-    wins = windows(len(ids), context)
-    if progress is not None:
-        progress.set_description(f"kept mass, context {context}")
+    backend, ids, wins = _on_model(model, tokens, context, backend, progress, f"kept mass, context {context}")
     try:
         _apply(model, config, backend)
         with sparse24.hf.collect_kept_mass() as collector:

@@ -85,11 +85,10 @@ def _dispatch(
     backend loops over sequences on the host and reuses them). Returns ``out``, or
     ``(out, lse f32 [T, H_q])``, or with ``return_stats`` ``(out, KeptStats)`` (f32 [T, H_q]
     each; its ``lse`` is the LSE)."""
-    if return_stats:
-        return _dispatch_stats(
-            backend, q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, out=out, config=config,
-            options=options, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, host_metadata=host_metadata,
-        )
+    if return_stats and backend == "reference":
+        return _reference_stats(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, out=out, config=config,
+                                options=options, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
+                                host_metadata=host_metadata)
     if backend == "reference":
         if host_metadata is not None:
             cu, kv = host_metadata[0].tolist(), host_metadata[1].tolist()
@@ -102,7 +101,11 @@ def _dispatch(
     num_tokens, num_q_heads = q.shape[0], q.shape[1]
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    if return_lse:
+    if return_stats:  # (lse, kept mass, kept keys) per row; rows past cu_seqlens_q[-1] read back -inf / NaN / 0
+        lse = torch.empty((num_tokens, num_q_heads, 3), dtype=torch.float32, device=q.device)
+        lse[..., 0], lse[..., 1], lse[..., 2] = float("-inf"), float("nan"), 0.0
+        num_kv_splits = 1
+    elif return_lse:
         lse = torch.empty((num_tokens, num_q_heads), dtype=torch.float32, device=q.device)
     elif state is not None and "no_lse" in state:
         lse = state["no_lse"]  # the kernel never writes it (STORE_LSE off)
@@ -115,52 +118,36 @@ def _dispatch(
             q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, out, lse,
             config.n, config.m, config.dense_sink_tokens, config.dense_recent_tokens, config.sparse_decode,
             options.causal, options.softmax_scale, options.window, options.softcap,
-            int(max_seqlen_q), int(max_seqlen_k), int(num_kv_splits or 0), return_lse,
+            int(max_seqlen_q), int(max_seqlen_k), int(num_kv_splits or 0), return_lse or return_stats,
         )
         if _eager(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, out):
-            _launch_unified(state, *args, True)
+            _launch_unified(None if return_stats else state, *args, True, return_stats)
         else:
-            torch.ops.sparse24.unified_attention(*args)
+            torch.ops.sparse24.unified_attention(*args, False, return_stats)
+    if return_stats:
+        return out, _reference.KeptStats(lse[..., 1], lse[..., 2], lse[..., 0])
     return (out, lse) if return_lse else out
 
 
-def _dispatch_stats(backend, q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, *, out, config, options,
-                    max_seqlen_q, max_seqlen_k, host_metadata):
-    """:func:`_dispatch` with ``return_stats``: one unsplit launch whose LSE buffer holds
-    (LSE, kept mass, kept keys) per row; the reference backend asks the float64 reference."""
-    if backend == "reference":
-        out, _ = _dispatch(backend, q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, out=out, config=config,
-                           options=options, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, num_kv_splits=1,
-                           return_lse=True, host_metadata=host_metadata)
-        rows = int(cu_seqlens_q[-1])  # the reference's contract: rows past cu_seqlens_q[-1] are no one's
-        ref = _reference.kept_stats_reference(
-            q[:rows], k_cache, block_table, cu_seqlens_q, seq_lens, config=config, causal=options.causal,
-            softmax_scale=options.softmax_scale, window=options.window or None, softcap=options.softcap or None,
-        )
-        stats = []
-        for t, fill in zip(ref, (float("nan"), 0.0, float("-inf"))):
-            full = torch.full(q.shape[:2], fill, dtype=torch.float32, device=q.device)
-            full[:rows] = t
-            stats.append(full)
-        return out, _reference.KeptStats(*stats)
-    if out is None:
-        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    buffer = torch.empty((q.shape[0], q.shape[1], 3), dtype=torch.float32, device=q.device)
-    buffer[..., 0] = float("-inf")  # what rows the kernel does not write (past cu_seqlens_q[-1]) read back
-    buffer[..., 1] = float("nan")
-    buffer[..., 2] = 0.0
-    if q.shape[0] > 0:
-        args = (
-            q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, out, buffer,
-            config.n, config.m, config.dense_sink_tokens, config.dense_recent_tokens, config.sparse_decode,
-            options.causal, options.softmax_scale, options.window, options.softcap,
-            int(max_seqlen_q), int(max_seqlen_k), 1, True,
-        )
-        if _eager(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, out):
-            _launch_unified(None, *args, True, True)
-        else:
-            torch.ops.sparse24.unified_attention(*args, False, True)
-    return out, _reference.KeptStats(buffer[..., 1], buffer[..., 2], buffer[..., 0])
+def _reference_stats(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, *, out, config, options,
+                     max_seqlen_q, max_seqlen_k, host_metadata):
+    """``return_stats`` on the reference backend: the output as :func:`_dispatch` computes it,
+    the statistics from the float64 ``kept_stats_reference`` (rows past cu_seqlens_q[-1]:
+    NaN / 0 / -inf, as the kernel path leaves them)."""
+    out = _dispatch("reference", q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, out=out, config=config,
+                    options=options, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, num_kv_splits=1,
+                    return_lse=False, host_metadata=host_metadata)
+    rows = int(cu_seqlens_q[-1])  # the reference's contract: rows past cu_seqlens_q[-1] are no one's
+    ref = _reference.kept_stats_reference(
+        q[:rows], k_cache, block_table, cu_seqlens_q, seq_lens, config=config, causal=options.causal,
+        softmax_scale=options.softmax_scale, window=options.window or None, softcap=options.softcap or None,
+    )
+    stats = []
+    for t, fill in zip(ref, (float("nan"), 0.0, float("-inf"))):
+        full = torch.full(q.shape[:2], fill, dtype=torch.float32, device=q.device)
+        full[:rows] = t
+        stats.append(full)
+    return out, _reference.KeptStats(*stats)
 
 
 def unified_attention(
