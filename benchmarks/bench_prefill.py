@@ -250,8 +250,20 @@ def run_suite(shape_names: list[str], providers: list[str], env: dict, rep: int)
 SWEEP = dict(block_m=(64, 128), tile_n=(64, 128), num_warps=(4, 8), num_stages=(2, 3))
 
 
-def run_sweep(shape_names: list[str], providers: list[str], env: dict, rep: int) -> list[dict]:
+def parse_grid(text: str) -> dict:
+    """'block_m=128,256;tile_n=64' -> {"block_m": (128, 256), "tile_n": (64,)} (keys of SWEEP)."""
+    grid = {}
+    for part in filter(None, text.split(";")):
+        key, _, values = part.partition("=")
+        if key.strip() not in SWEEP:
+            raise SystemExit(f"--sweep-grid: unknown parameter {key!r}, expected one of {list(SWEEP)}")
+        grid[key.strip()] = tuple(int(v) for v in values.split(","))
+    return grid
+
+
+def run_sweep(shape_names: list[str], providers: list[str], env: dict, rep: int, grid: dict | None = None) -> list[dict]:
     """Every tuning() combination for the sparse24 providers; outputs checked against the default plan."""
+    grid = grid or SWEEP
     records = []
     for name in shape_names:
         lens, hq, hkv, d, causal = SHAPES[name]
@@ -264,8 +276,8 @@ def run_sweep(shape_names: list[str], providers: list[str], env: dict, rep: int)
             fn()
             base = p.out.clone()
             rows = []
-            for values in itertools.product(*SWEEP.values()):
-                tune = dict(zip(SWEEP, values))
+            for values in itertools.product(*grid.values()):
+                tune = dict(zip(grid, values))
                 try:
                     with planner.tuning(**tune):
                         fn()
@@ -288,6 +300,9 @@ def main(argv=None) -> int:
     parser.add_argument("--shapes", default=",".join(SHAPES), help=f"comma list of {list(SHAPES)}")
     parser.add_argument("--providers", default=",".join(PROVIDERS), help=f"comma list of {PROVIDERS}")
     parser.add_argument("--sweep", action="store_true", help="sweep the launch parameters of the sparse24 providers")
+    parser.add_argument("--sweep-grid", default=None,
+                        help="--sweep: the grid, e.g. 'block_m=128,256;tile_n=64,128;num_warps=4,8;num_stages=2' "
+                             f"(default {';'.join(k + '=' + ','.join(map(str, v)) for k, v in SWEEP.items())})")
     parser.add_argument("--rep", type=int, default=300, help="do_bench repetition time, ms")
     parser.add_argument("--out", default=str(common.RESULTS))
     args = parser.parse_args(argv)
@@ -297,9 +312,10 @@ def main(argv=None) -> int:
     out_dir = pathlib.Path(args.out)
     if args.sweep:
         providers = [p for p in providers if p in SPARSE24]
-        records = run_sweep(shapes, providers, env, args.rep)
+        records = run_sweep(shapes, providers, env, args.rep, parse_grid(args.sweep_grid) if args.sweep_grid else None)
         out_dir.mkdir(parents=True, exist_ok=True)
-        path = out_dir / f"prefill-sweep-{common.card_slug(env['card'])}.json"
+        suffix = "-" + "-".join(shapes) if args.sweep_grid else ""
+        path = out_dir / f"prefill-sweep{suffix}-{common.card_slug(env['card'])}.json"
         path.write_text(json.dumps(records, indent=1) + "\n")
         print(f"wrote {path}")
         return 0

@@ -106,7 +106,8 @@ def _attend_tile(
     acc,  # [BLOCK_M, HEAD_DIM_PAD] fp32 running unnormalised output
     m_i,  # [BLOCK_M] fp32 running max of the logits, log2 units
     l_i,  # [BLOCK_M] fp32 running sum of exp2(logit - m_i)
-    stats,  # STORE_STATS: (m_vis, l_vis, kept) [BLOCK_M] fp32, the same over every visible key, and the kept count
+    stats,  # STORE_STATS: (m_vis, l_vis, kept, seen) [BLOCK_M] fp32: the same over every visible key, the kept
+    #         count and the count of visible keys with a score above -inf
     q,  # [BLOCK_M, HEAD_DIM_PAD]
     tile,  # index of the key tile (keys tile * TILE_N ...)
     seq,  # this sequence and KV head (see _attend_range)
@@ -172,7 +173,8 @@ def _attend_tile(
             visible = visible & (query_pos[:, None] - key_idx[None, :] < window)
         score = tl.where(visible, score, float("-inf"))
     if STORE_STATS:  # the dense softmax's running max / sum over every visible key, in log2 units
-        m_vis, l_vis, kept = stats
+        m_vis, l_vis, kept, seen = stats
+        seen = seen + tl.sum((score > float("-inf")).to(tl.float32), 1)
         m_vis_new = tl.maximum(m_vis, tl.max(score, 1) * logit_scale)
         m_vis_shift = tl.where(m_vis_new == float("-inf"), 0.0, m_vis_new)
         l_vis = l_vis * tl.exp2(m_vis - m_vis_shift) + tl.sum(tl.exp2(score * logit_scale - m_vis_shift[:, None]), 1)
@@ -186,7 +188,10 @@ def _attend_tile(
             if USE_RECENT:
                 distance = query_pos[:, None] - key_idx[None, :]
                 keep = keep | ((distance >= 0) & (distance < dense_recent_tokens))
-        score = tl.where(keep, score, float("-inf"))
+        # A dropped score becomes score - inf: -inf for every finite (or -inf) score, NaN for a NaN
+        # one, so a NaN score of a visible key reaches the softmax whatever the selection decided
+        # (docs/SPEC.md §2, "NaN": the row's output and LSE are NaN, as in SDPA).
+        score = tl.where(keep, score, score + float("-inf"))
 
     # Online softmax in log2 units (exp2). A row with nothing kept so far keeps m = -inf;
     # use 0 as the shift there so exp2(-inf - shift) = 0 instead of NaN.
@@ -197,7 +202,7 @@ def _attend_tile(
     l_i = l_i * alpha + tl.sum(p, 1)
     if STORE_STATS:
         kept = kept + tl.sum((score > float("-inf")).to(tl.float32), 1)
-        stats = (m_vis, l_vis, kept)
+        stats = (m_vis, l_vis, kept, seen)
 
     v = _load_rows(
         v_cache_ptr, page * stride_vc_block + slot * stride_vc_slot + kv_head * stride_vc_head,
@@ -387,9 +392,9 @@ def unified_attention_kernel(
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
     if STORE_STATS:
         stats = (tl.full([BLOCK_M], float("-inf"), tl.float32), tl.zeros([BLOCK_M], tl.float32),
-                 tl.zeros([BLOCK_M], tl.float32))
+                 tl.zeros([BLOCK_M], tl.float32), tl.zeros([BLOCK_M], tl.float32))
     else:
-        stats = (0.0, 0.0, 0.0)  # unused; passes through the loops untouched
+        stats = (0.0, 0.0, 0.0, 0.0)  # unused; passes through the loops untouched
 
     seq = (k_cache_ptr, v_cache_ptr, block_table_row_ptr, key_offs, kv_len, kv_head, stride_bt_page)
     rows = (query_pos, row_valid, row_dense)
@@ -426,11 +431,14 @@ def unified_attention_kernel(
                 mask=row_valid,
             )
         if STORE_STATS:  # kept mass = exp(lse_kept - lse_visible); NaN where nothing is visible (0 / 0)
-            m_vis, l_vis, kept = stats
+            m_vis, l_vis, kept, seen = stats
             m_vis_safe = tl.where(l_vis == 0.0, 0.0, m_vis)
             m_kept_safe = tl.where(l_i == 0.0, m_vis_safe, m_i)  # kept keys are visible: m_i <= m_vis
             ratio = (l_i / tl.where(l_vis == 0.0, 1.0, l_vis)) * tl.exp2(m_kept_safe - m_vis_safe)
-            mass = tl.where(l_vis == 0.0, float("nan"), ratio)
+            # exactly 1 where nothing was dropped (compiled code may round the two sums differently);
+            # a NaN score leaves the ratio NaN (counted in neither kept nor seen)
+            exact = (kept == seen) & (ratio == ratio)
+            mass = tl.where(l_vis == 0.0, float("nan"), tl.where(exact, 1.0, ratio))
             stats_row = lse_ptr + token * stride_lse_token + q_head.to(tl.int64) * stride_lse_head
             tl.store(stats_row + 1, mass, mask=row_valid)
             tl.store(stats_row + 2, kept, mask=row_valid)

@@ -519,6 +519,45 @@ def test_eager_decode_builds_its_layout_in_one_launch(monkeypatch, kernel_backen
         assert len(calls) == launches, backend
 
 
+def test_decode_kv_splits_changes_the_launch_not_the_result(monkeypatch, kernel_backend):
+    """decode_kv_splits(k) forces k split-KV segments on decode steps (prefill keeps the
+    planner's): the decode launches change, the logits do not (fp32 rounding of the merge);
+    None restores the planner's choice; a bad count is refused at the door."""
+    from sparse24.torch_ops import _launch
+
+    backend, device = kernel_backend
+    segments = []
+    real = _launch.unified_attention_launches
+    monkeypatch.setattr(_launch, "unified_attention_launches",
+                        lambda *a, **k: segments.append((k["max_seqlen_q"], k["num_kv_splits"])) or real(*a, **k))
+    model = tiny_model("llama").to(device)
+    model.set_attn_implementation("sparse24")
+    sparse24.hf.sparsify(model, TWO_FOUR, backend=backend)
+    ids, mask = (t.to(device) for t in left_padded_batch())
+    step_mask = torch.cat([mask, mask.new_ones(2, 1)], 1)
+
+    def decode_logits():
+        with torch.no_grad():
+            cache = transformers.DynamicCache(config=model.config)
+            model(ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+            segments.clear()
+            return model(ids[:, -1:], attention_mask=step_mask, past_key_values=cache, use_cache=True).logits
+
+    try:
+        want = decode_logits()
+        sparse24.hf.decode_kv_splits(2)
+        got = decode_logits()
+        assert segments and all(s == (1, 2) for s in segments), segments
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    finally:
+        sparse24.hf.decode_kv_splits(None)
+    decode_logits()
+    assert segments and all(s[1] in (None, 0) for s in segments), segments
+    for bad in (0, 3, 128, 2.0, True, "1"):
+        with pytest.raises(ValueError, match="num_kv_splits"):
+            sparse24.hf.decode_kv_splits(bad)
+
+
 def test_generate_under_inference_mode():
     """Inference tensors have no version counter: the per-forward caches still work (the
     same tokens as under no_grad)."""
@@ -538,11 +577,12 @@ def test_collect_kept_mass_per_layer_and_head(kernel_backend):
     """``collect_kept_mass``: per layer and head, the kernel's kept mass over the real query
     rows of a left-padded batch (padding not counted), the same from the reference backend;
     exactly 1 for a dense config; the collector is off again afterwards."""
-    ids, mask = left_padded_batch()
+    device = kernel_backend[1]
+    ids, mask = (t.to(device) for t in left_padded_batch())
     summaries = {}
     for backend in (kernel_backend[0], "reference"):
         for name, config in (("2:4", SparsityConfig(n=2, m=4, dense_recent_tokens=0)), ("dense", SparsityConfig.dense())):
-            model = tiny_model("llama")
+            model = tiny_model("llama").to(device)
             model.set_attn_implementation("sparse24")
             sparse24.hf.sparsify(model, config, backend=backend)
             with torch.no_grad(), sparse24.hf.collect_kept_mass() as stats:

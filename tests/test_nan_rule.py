@@ -8,14 +8,15 @@ in the features it feeds. Rows the NaN does not reach are what they are without 
 
 Checked on one small batch (a 3-token chunked prefill after 9 cached keys, and a decode step
 with 9 keys; GQA 4/2; pages of 8 keys) against: the torch float64 oracle, the torch chunked
-reference, the torch op's reference and interpret backends, the JAX reference, and the JAX
-op's reference and interpret backends. The expected rows come from the positions alone
+reference, the torch op's reference backend and the kernel, the JAX reference, and the JAX
+op's reference backend and the kernel. The expected rows come from the positions alone
 (written here, not taken from the library).
 
-The kernel (``interpret``) does not follow the rule in one corner: it ranks a NaN by plain
-comparisons (``s_a >= s_b`` is False both ways), so a NaN score loses the N:M selection to
-every later member of its group and is dropped when it is not in a dense region. Those cases
-are strict xfails: they fail loudly once the kernel follows the rule.
+The kernel ranks scores by plain comparisons (``s_a >= s_b`` is False both ways for a NaN),
+so its selection may drop a NaN key; it then fills the dropped score with ``score - inf``
+(NaN stays NaN), which is what makes it follow the rule ("k_sparse_first_member" and
+"q_row_window" are the cases a plain ``-inf`` fill got wrong). The kernel kinds run the
+interpreter on the CPU and the compiled kernel on a GPU.
 """
 
 from __future__ import annotations
@@ -78,11 +79,6 @@ CASES = {
     "v_past_kv_len": (SPARSE, True, None, "v", 1, 12, 1),
 }
 
-# Cases where the kernel does not follow the rule: the NaN key loses the selection to the later
-# members of its group and is dropped (the row comes out finite); in "q_row_window" the row sees
-# only keys 8, 9 (members 0, 1 of their group), both NaN, and the invisible -inf members 10, 11
-# win the comparisons, so nothing is kept and the row comes out zeros with LSE -inf.
-KERNEL_DISAGREES = {"k_sparse_first_member", "q_row_window"}
 
 
 def _case(name):
@@ -109,17 +105,28 @@ def _metadata():
     return torch.tensor(CU, dtype=torch.int32), torch.tensor(KV_LENS, dtype=torch.int32)
 
 
+def _kernel_backend() -> str:
+    """The kernel kinds: the interpreter in an interpreting process, else the compiled kernel."""
+    if kernels_interpreted():
+        return "interpret"
+    if not torch.cuda.is_available():
+        pytest.skip("the kernel needs a CUDA GPU or TRITON_INTERPRET=1 (tests/conftest.py sets it without a GPU)")
+    return "triton"
+
+
 def _run_torch(kind, arrays, kwargs):
-    q, k_cache, v_cache, block_table = arrays
     cu, kv = _metadata()
-    args = (q, k_cache, v_cache, block_table, cu, kv)
+    args = (*arrays, cu, kv)
+    if kind == "torch-kernel" and _kernel_backend() == "triton":
+        args = tuple(a.cuda() for a in args)
     if kind == "torch-oracle":
         out, lse = unified_attention_reference(*args, return_lse=True, **kwargs)
     elif kind == "torch-chunked":
         out, lse = unified_attention_chunked(*args, return_lse=True, chunk_size=4, **kwargs)
     else:
-        out, lse = torch_unified_attention(*args, return_lse=True, backend=kind.split("-")[1], **kwargs)
-    return out.double(), lse.double()
+        backend = _kernel_backend() if kind == "torch-kernel" else kind.split("-")[1]
+        out, lse = torch_unified_attention(*args, return_lse=True, backend=backend, **kwargs)
+    return out.double().cpu(), lse.double().cpu()
 
 
 def _run_jax(kind, arrays, kwargs):
@@ -133,32 +140,21 @@ def _run_jax(kind, arrays, kwargs):
     if kind == "jax-jaxref":
         out, lse = unified_attention_jax_reference(*args, return_lse=True, chunk_size=4, **kwargs)
     else:
-        out, lse = jax_unified_attention(*args, return_lse=True, backend=kind.split("-")[1], **kwargs)
+        backend = _kernel_backend() if kind == "jax-kernel" else kind.split("-")[1]
+        out, lse = jax_unified_attention(*args, return_lse=True, backend=backend, **kwargs)
     return (torch.from_numpy(np.asarray(out, dtype=np.float64)), torch.from_numpy(np.asarray(lse, dtype=np.float64)))
 
 
-BACKENDS = ["torch-oracle", "torch-chunked", "torch-reference", "torch-interpret",
-            "jax-jaxref", "jax-reference", "jax-interpret"]
-
-
-def _params():
-    for name in CASES:
-        for kind in BACKENDS:
-            marks = []
-            if kind.endswith("interpret") and name in KERNEL_DISAGREES:
-                marks.append(pytest.mark.xfail(
-                    strict=True, reason="kernel: a NaN score loses the N:M comparisons to later members "
-                    "(s >= NaN is False) and is dropped outside dense regions; reported to the kernel owner"))
-            yield pytest.param(name, kind, marks=marks, id=f"{name}-{kind}")
+BACKENDS = ["torch-oracle", "torch-chunked", "torch-reference", "torch-kernel",
+            "jax-jaxref", "jax-reference", "jax-kernel"]
 
 
 def _run(kind, arrays, kwargs):
-    if kind.endswith("interpret") and not kernels_interpreted():
-        pytest.skip("the interpret backend needs TRITON_INTERPRET=1 (tests/conftest.py sets it without a GPU)")
     return (_run_jax if kind.startswith("jax") else _run_torch)(kind, arrays, kwargs)
 
 
-@pytest.mark.parametrize("name,kind", list(_params()))
+@pytest.mark.parametrize("kind", BACKENDS)
+@pytest.mark.parametrize("name", list(CASES))
 def test_nan_rule(name, kind):
     arrays, clean, expected, kwargs, where = _case(name)
     out, lse = _run(kind, arrays, kwargs)
