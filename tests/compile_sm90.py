@@ -155,8 +155,14 @@ def selection_stays_in_registers() -> int:
     return 9
 
 
-def main() -> int:
-    count = selection_stays_in_registers()
+KERNELS = {"unified_attention": unified_attention_kernel, "reduce_segments": reduce_segments_kernel,
+           "write_kv_cache": write_kv_cache_kernel}
+
+
+def jobs():
+    """Every compile of the CI check: ("compile", kernel name, dtype, constexprs, label[, float
+    scalar type]), ("mask_layout", mask type, fill dtype) or ("selection",)."""
+    yield ("selection",)
     reduce_done = set()
     for dtype, plan_kwargs, flags in attention_specializations():
         plan = plan_unified_attention(num_tokens=4096, num_seqs=8, dtype=dtype, max_seqlen_k=4096, **plan_kwargs)
@@ -164,40 +170,64 @@ def main() -> int:
         label = (f"unified_attention {dtype} n:m={plan_kwargs['n']}:{plan_kwargs['m']} D={plan_kwargs['head_dim']} "
                  f"BLOCK_M={plan.block_m} TILE_N={plan.tile_n} "
                  f"segments={plan.num_segments} [{on}]")
-        compile_one(unified_attention_kernel, dtype, plan.kernel_constexprs(**flags), label)
-        count += 1
+        yield ("compile", "unified_attention", dtype, plan.kernel_constexprs(**flags), label)
         key = (dtype, plan.head_dim, plan.num_segments, flags["store_lse"])
         if plan.is_split and key not in reduce_done:
             reduce_done.add(key)
-            compile_one(reduce_segments_kernel, dtype, plan.reduce_constexprs(store_lse=flags["store_lse"]),
-                        f"reduce_segments {key}")
-            count += 1
+            yield ("compile", "reduce_segments", dtype, plan.reduce_constexprs(store_lse=flags["store_lse"]),
+                   f"reduce_segments {key}")
     # torch.compile (Inductor) passes Python floats as fp64 scalars
     plan = plan_unified_attention(num_tokens=64, num_seqs=2, dtype="bfloat16", max_seqlen_k=300, n=2, m=4,
                                   head_dim=64, max_seqlen_q=37, num_q_heads=8, num_kv_heads=2)
     flags = dict(page_size=1, causal=True, use_window=False, use_softcap=True, use_sink=False, use_recent=True,
                  sparse_decode=True, store_lse=False)
-    compile_one(unified_attention_kernel, "bfloat16", plan.kernel_constexprs(**flags),
-                "unified_attention bfloat16 2:4 with fp64 float scalars (Inductor)", float_scalar="fp64")
-    count += 1
+    yield ("compile", "unified_attention", "bfloat16", plan.kernel_constexprs(**flags),
+           "unified_attention bfloat16 2:4 with fp64 float scalars (Inductor)", "fp64")
     for dtype, head_dim in itertools.product(("bfloat16", "float16", "float32"), (64, 80)):
         plan = plan_write_kv_cache(num_tokens=16, num_kv_heads=8, head_dim=head_dim)
-        compile_one(write_kv_cache_kernel, dtype,
-                    dict(HEAD_DIM=head_dim, HEAD_DIM_PAD=plan.head_dim_pad, num_warps=plan.num_warps,
-                         num_stages=plan.num_stages),
-                    f"write_kv_cache {dtype} D={head_dim}")
-        count += 1
+        yield ("compile", "write_kv_cache", dtype,
+               dict(HEAD_DIM=head_dim, HEAD_DIM_PAD=plan.head_dim_pad, num_warps=plan.num_warps,
+                    num_stages=plan.num_stages),
+               f"write_kv_cache {dtype} D={head_dim}")
     # kept-mass statistics (return_stats): an unsplit launch, the LSE buffer [T, H_q, 3]
     for dtype, max_seqlen_q in (("bfloat16", 512), ("float32", 1)):
         plan = plan_unified_attention(num_tokens=4096, num_seqs=8, dtype=dtype, max_seqlen_k=4096, n=2, m=4,
                                       head_dim=128, max_seqlen_q=max_seqlen_q, num_q_heads=32, num_kv_heads=8,
                                       num_kv_splits=1)
-        compile_one(unified_attention_kernel, dtype, plan.kernel_constexprs(**FULL_FLAGS, store_stats=True),
-                    f"unified_attention {dtype} 2:4 max_seqlen_q={max_seqlen_q} with kept-mass statistics")
-        count += 1
+        yield ("compile", "unified_attention", dtype, plan.kernel_constexprs(**FULL_FLAGS, store_stats=True),
+               f"unified_attention {dtype} 2:4 max_seqlen_q={max_seqlen_q} with kept-mass statistics")
     for mask_type, out_dtype in (("*i1", "bfloat16"), ("*i8", "float16"), ("*i64", "float32"), ("*fp32", "bfloat16")):
-        count += compile_mask_layout(mask_type, out_dtype)
-    print(f"compiled {count} specializations for sm_90")
+        yield ("mask_layout", mask_type, out_dtype)
+
+
+def run_job(job) -> int:
+    """One job of :func:`jobs`; returns the number of compiles."""
+    if job[0] == "selection":
+        return selection_stays_in_registers()
+    if job[0] == "mask_layout":
+        return compile_mask_layout(*job[1:])
+    _, name, dtype, constexprs, label, *float_scalar = job
+    compile_one(KERNELS[name], dtype, constexprs, label, *float_scalar)
+    return 1
+
+
+def main() -> int:
+    """Compile every job, on every CPU core (compiles are independent; each worker prints its
+    lines); the first failure stops the run with its traceback."""
+    import concurrent.futures
+    import multiprocessing
+    import os
+
+    todo = list(jobs())
+    todo.sort(key=lambda job: job[0] != "selection" and "float32" not in job)  # the slowest first
+    workers = max(1, min(len(todo), len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                         else os.cpu_count() or 1))
+    if workers == 1:
+        count = sum(run_job(job) for job in todo)
+    else:
+        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+            count = sum(pool.map(run_job, todo))
+    print(f"compiled {count} specializations for sm_90 ({workers} processes)")
     return 0
 
 
