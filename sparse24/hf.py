@@ -398,6 +398,22 @@ class _DirectCalls:
 
 
 _DIRECT = _DirectCalls()
+_DECODE_KV_SPLITS: list = [None]  # decode_kv_splits(): the split-KV count of decode steps (None: the planner's)
+
+
+def decode_kv_splits(num_kv_splits: int | None) -> None:
+    """Force the split-KV count of every sparse24 decode step (one query per row) from now on:
+    ``1`` launches one kernel per layer (no split, no reduce), ``None`` (the default) leaves it
+    to the planner, which splits the keys until the grid covers the GPU. Results do not change
+    beyond fp32 rounding (the split merges partial softmaxes); only the launch does. For
+    measuring (benchmarks/bench_hf_decode.py)."""
+    if num_kv_splits is not None and (isinstance(num_kv_splits, bool) or not isinstance(num_kv_splits, int)
+                                      or num_kv_splits < 1 or num_kv_splits & (num_kv_splits - 1)
+                                      or num_kv_splits > 64):
+        raise ValueError(f"num_kv_splits must be None or a power of two in [1, 64], got {num_kv_splits!r}")
+    _DECODE_KV_SPLITS[0] = num_kv_splits
+    _PLANS.clear()
+    _DIRECT.clear()
 
 
 class KeptMassCollector:
@@ -545,6 +561,8 @@ def attention_forward(
     options = dict(config=config, causal=bool(causal), softmax_scale=scaling, window=int(window) if window else None,
                    softcap=float(softcap) if softcap else None, max_seqlen_q=layout.max_seqlen_q,
                    max_seqlen_k=layout.max_seqlen_k, backend=backend)
+    if q_len == 1 and _DECODE_KV_SPLITS[0] is not None and not _COLLECTOR:
+        options["num_kv_splits"] = _DECODE_KV_SPLITS[0]
     if _COLLECTOR and can_sync:  # a kept-mass study: the statistics path, eager
         _, stats = unified_attention(q_packed, k_cache, v_cache, *tables, out=out_packed, return_stats=True, **options)
         _COLLECTOR[0].add(getattr(module, "layer_idx", id(module)), batch, q_len, stats, layout.rows)

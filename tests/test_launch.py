@@ -194,6 +194,53 @@ def test_fast_launch_keeps_the_compiled_kernel_per_alignment(monkeypatch):
     assert calls[-1][0] == "jit"
 
 
+def test_fast_launch_reuses_the_compiled_kernel_of_the_same_specialization(monkeypatch):
+    """A new launch description whose non-array arguments Triton specialises the same way (a
+    growing cache's next decode step: new strides and lengths, both divisible by 16 or both
+    not; the same constexprs, warps and stages) launches the kernel compiled for the first one
+    without ``kernel[grid](...)``; a different specialisation (17 is not divisible by 16, 1 is
+    a constant, another constexpr) goes through the JIT again. (A fake kernel with Triton's
+    parameter attributes; the specialisation is Triton's own ``native_specialize_impl``.)"""
+    import types
+
+    import torch
+
+    from sparse24.torch_ops import _launch as TL
+
+    if TL._native_specialize is None:
+        pytest.skip("this Triton does not expose native_specialize_impl")
+    calls = []
+
+    class Compiled:
+        def __getitem__(self, grid):
+            return lambda *args: calls.append(("compiled", args))
+
+    class Kernel:
+        arg_names = ["a_ptr", "n", "BLOCK"]
+        params = [types.SimpleNamespace(name=n, is_constexpr=n == "BLOCK", is_const=False, do_not_specialize=False,
+                                        do_not_specialize_on_alignment=False) for n in arg_names]
+
+        def __getitem__(self, grid):
+            return lambda *args, **kw: calls.append(("jit", kw["n"], kw["BLOCK"])) or Compiled()
+
+    kernel = Kernel()
+
+    def launch(n, block=16, warps=4):
+        return L.KernelLaunch(kernel=kernel, grid=(2,), inputs=(("a_ptr", "a"),), outputs=(),
+                              keywords={"n": n, "BLOCK": block}, num_warps=warps, num_stages=1)
+
+    monkeypatch.setattr(TL, "INTERPRETED", False)
+    monkeypatch.setattr(TL, "_COMPILED", {})
+    monkeypatch.setattr(TL, "_BY_SPECIALIZATION", {})
+    a, device = torch.zeros(8), torch.device("cpu")
+    for description in (launch(32), launch(48), launch(17), launch(33), launch(1), launch(64, block=32),
+                        launch(80, warps=8), launch(96)):
+        TL._run_one(description, [a], {}, direct=True, device=device)
+    assert calls == [("jit", 32, 16), ("compiled", (a.data_ptr(), 48, 16)), ("jit", 17, 16),
+                     ("compiled", (a.data_ptr(), 33, 16)), ("jit", 1, 16), ("jit", 64, 32), ("jit", 80, 16),
+                     ("compiled", (a.data_ptr(), 96, 16))]
+
+
 def test_direct_launches_pass_user_arrays_and_fixed_buffers_in_kernel_order(monkeypatch):
     """``DirectLaunches`` (a plan's compiled kernels, launched without the launch machinery):
     each kernel gets the data pointers of the seven user arrays and of the plan's fixed buffers

@@ -248,7 +248,9 @@ def test_cli_end_to_end(lm, tmp_path, capsys, monkeypatch):
     assert report["summary"] == [dict(config="dense", length=200, depth=0.5, correct=1, trials=1, accuracy=1.0)]
     assert report["results"][0]["correct"] and report["sparse24_version"] and report["date"]
 
-    with pytest.raises(SystemExit) as exc:  # past the model's 8192 positions
-        main(["passkey", "--lengths", "256", "9000", "--backend", "reference", "--threads", "1", "--no-progress"])
-    err = capsys.readouterr().err
-    assert exc.value.code == 2 and "9000" in err and "8192" in err and "max_position_embeddings" in err
+    for lengths in (["256", "9000"], ["8192"]):  # past the model's 8192 positions (8192 + 8 new tokens too)
+        with pytest.raises(SystemExit) as exc:
+            main(["passkey", "--lengths", *lengths, "--backend", "reference", "--threads", "1", "--no-progress"])
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and lengths[-1] in err and "8192" in err and "max_position_embeddings" in err
+        assert "at most 8184" in err

@@ -75,7 +75,37 @@ _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16":
 # first call of a key goes through ``JITFunction.run`` (compiling if needed) and keeps the
 # compiled kernel it returns. FAST_LAUNCH = False turns it off (benchmarks compare both).
 FAST_LAUNCH = True
-_COMPILED: dict = {}  # id(launch) -> (launch, trailing arguments, {array key: CompiledKernel}, 3-D grid)
+_COMPILED: dict = {}  # id(launch) -> (launch, trailing arguments, {array key: CompiledKernel}, 3-D grid, spec)
+# A new description of the same specialisation (the next decode step of a growing cache: new
+# strides and lengths, the same constexprs and the same int properties) reuses the compiled
+# kernel instead of binding all ~55 arguments in ``JITFunction.run`` again.
+_BY_SPECIALIZATION: dict = {}  # (specialisation, array key) -> CompiledKernel
+
+try:  # Triton's own specialisation of one argument (what JITFunction's binder calls)
+    from triton._C.libtriton import native_specialize_impl as _native_specialize
+    from triton.backends.compiler import BaseBackend as _BaseBackend
+except ImportError:  # another Triton: no reuse across descriptions (each first call binds)
+    _native_specialize = None
+
+
+def _specialization(launch: KernelLaunch, names) -> tuple | None:
+    """The key Triton's JIT compiles the described launch under, less the arrays: the kernel,
+    each keyword's specialisation in the kernel's order (constexprs by value; ints by Triton's
+    own rule: equal to 1, divisible by 16, 32 or 64 bits), warps and stages. None where this
+    Triton or this kernel object does not expose it (then no reuse)."""
+    params = getattr(launch.kernel, "params", None)
+    if _native_specialize is None or params is None:
+        return None
+    by_name = {p.name: p for p in params}
+    spec = []
+    for name in names:
+        param, value = by_name[name], launch.keywords[name]
+        if param.is_constexpr:
+            spec.append(("constexpr", value))
+        else:
+            spec.append(_native_specialize(_BaseBackend, value, param.is_const, not param.do_not_specialize,
+                                           not param.do_not_specialize_on_alignment))
+    return (launch.kernel, tuple(spec), launch.num_warps, launch.num_stages)
 
 
 def _fast_launch(launch: KernelLaunch, arrays: tuple, device: torch.device) -> None:
@@ -85,14 +115,23 @@ def _fast_launch(launch: KernelLaunch, arrays: tuple, device: torch.device) -> N
             _COMPILED.clear()
         names = launch.kernel.arg_names[len(arrays):]  # the keywords, in the kernel's order
         grid = (*launch.grid, 1, 1)[:3]  # a compiled kernel's launcher takes all three grid sizes
-        entry = _COMPILED[id(launch)] = (launch, tuple(launch.keywords[n] for n in names), {}, grid)
+        entry = _COMPILED[id(launch)] = (launch, tuple(launch.keywords[n] for n in names), {}, grid,
+                                         _specialization(launch, names))
     pointers = [a.data_ptr() for a in arrays]
     key = (device.index, *[(a.dtype, p % 16 == 0) for a, p in zip(arrays, pointers)])
     compiled = entry[2].get(key)
+    if compiled is None and entry[4] is not None:
+        compiled = _BY_SPECIALIZATION.get((entry[4], key))
+        if compiled is not None:
+            entry[2][key] = compiled
     if compiled is None:
-        entry[2][key] = launch.kernel[launch.grid](
+        compiled = entry[2][key] = launch.kernel[launch.grid](
             *arrays, **launch.keywords, num_warps=launch.num_warps, num_stages=launch.num_stages
         )
+        if entry[4] is not None:
+            if len(_BY_SPECIALIZATION) > 1024:
+                _BY_SPECIALIZATION.clear()
+            _BY_SPECIALIZATION[(entry[4], key)] = compiled
     else:  # pointers as integers: Triton's launcher then skips a data_ptr() call and a driver query per array
         compiled[entry[3]](*pointers, *entry[1])
 

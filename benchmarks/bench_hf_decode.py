@@ -1,0 +1,247 @@
+"""HF dynamic-cache decode, interleaved, and the split-KV choice for eager decode (one GPU run).
+
+Two parts, one process, one card:
+
+``kernel``  the bare decode kernel (``torch_ops.unified_attention`` with the maxima given) at
+            B=8, H 32/8, D=64, bf16 (the Llama-3.2-1B shape), kv_len 512 .. 8192, with the
+            planner's split-KV count and with ``num_kv_splits=1``:
+              device  µs per call from a CUDA graph of 20 calls (replayed, events around it);
+              eager   µs per call of 200 back-to-back eager calls between two syncs (what a
+                      host-bound caller gets: the larger of host and device time).
+``hf``      ``generate`` on a random-weight Llama-3.2-1B-shaped model (bf16, B=8, prompt
+            ``--prompt``, ``--new`` new tokens, the default dynamic cache), the variants taken
+            in turn, ``--rounds`` times (sdpa, sparse24 dense, 2:4, ...: round-robin, so a
+            host that slows down or speeds up during the run moves every variant alike).
+            Per run: the median of the decode steps' CUDA-event gaps (a logits processor
+            records one event per token, no sync); per variant: the median over rounds and
+            the best round (the least disturbed by the host: lent hosts are noisy).
+            ``*-unsplit`` variants force ``num_kv_splits=1`` for the decode layers
+            (sparse24.hf.decode_kv_splits).
+
+    python benchmarks/bench_hf_decode.py [--rounds 5] [--new 64] [--prompt 4096] [--out DIR]
+
+Writes ``hf-decode-<card>.json`` (every run's figures, the card, date, versions) and prints a
+markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import pathlib
+import statistics
+import time
+
+import torch
+
+LLAMA_1B = dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                num_attention_heads=32, num_key_value_heads=8, head_dim=64, max_position_embeddings=131072,
+                rope_theta=500000.0, tie_word_embeddings=True)
+
+
+class _StepEvents:
+    """Logits processor: one CUDA event (no sync) per generated token."""
+
+    def __init__(self):
+        self.marks = []
+
+    def mark(self):
+        e = torch.cuda.Event(enable_timing=True)
+        e.record()
+        self.marks.append(e)
+
+    def __call__(self, input_ids, scores):
+        self.mark()
+        return scores
+
+    def gaps_ms(self) -> list[float]:
+        torch.cuda.synchronize()
+        return [a.elapsed_time(b) for a, b in zip(self.marks, self.marks[1:])]
+
+
+def kernel_part(kv_lens, records: list) -> None:
+    from sparse24 import SparsityConfig
+    from sparse24.testing import make_paged_inputs
+    from sparse24.torch_ops import plan_unified_attention, unified_attention
+
+    B, HQ, HKV, D = 8, 32, 8, 64
+    for config_name, config in (("dense", SparsityConfig.dense()), ("2:4", SparsityConfig())):
+        for kv_len in kv_lens:
+            inputs = make_paged_inputs([1] * B, [kv_len] * B, num_q_heads=HQ, num_kv_heads=HKV, head_dim=D,
+                                       block_size=16, dtype=torch.bfloat16, device="cuda", seed=0)
+            args = (inputs.q, inputs.k_cache, inputs.v_cache, inputs.block_table, inputs.cu_seqlens_q,
+                    inputs.seq_lens)
+            outs = {}
+            for splits in (None, 1):
+                options = dict(config=config, max_seqlen_q=1, max_seqlen_k=kv_len, num_kv_splits=splits)
+                plan = plan_unified_attention(*args, **options)
+                out = torch.empty_like(inputs.q)
+                plan(*args, out=out)
+                torch.cuda.synchronize()
+                outs[splits] = out.clone()
+                # device time: a CUDA graph of 20 calls
+                graph = torch.cuda.CUDAGraph()
+                stream = torch.cuda.Stream()
+                stream.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(stream):
+                    unified_attention(*args, out=out, **options)  # warm-up on the capture stream
+                    torch.cuda.synchronize()
+                    with torch.cuda.graph(graph, stream=stream):
+                        for _ in range(20):
+                            unified_attention(*args, out=out, **options)
+                torch.cuda.synchronize()
+                samples = []
+                for _ in range(5):
+                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    start.record()
+                    graph.replay()
+                    end.record()
+                    torch.cuda.synchronize()
+                    samples.append(start.elapsed_time(end) * 1e3 / 20)
+                device_us = statistics.median(samples)
+                # eager: back-to-back calls of the plan (the HF backend's path)
+                eager = []
+                for _ in range(5):
+                    torch.cuda.synchronize()
+                    t = time.perf_counter()
+                    for _ in range(200):
+                        plan(*args, out=out)
+                    torch.cuda.synchronize()
+                    eager.append((time.perf_counter() - t) / 200 * 1e6)
+                records.append(dict(part="kernel", config=config_name, batch=B, heads=f"{HQ}/{HKV}", head_dim=D,
+                                    kv_len=kv_len, num_kv_splits=splits or "planner",
+                                    launches=len(plan.state.get("launches", ())),
+                                    device_us=round(device_us, 2), eager_us=round(statistics.median(eager), 2)))
+                print(json.dumps(records[-1]), flush=True)
+            err = (outs[None].float() - outs[1].float()).abs().max().item()
+            records[-1]["max_abs_diff_split_vs_unsplit"] = err
+
+
+def hf_part(args, records: list) -> None:
+    from transformers import AutoModelForCausalLM, LlamaConfig, LogitsProcessorList
+
+    import sparse24.hf
+    from sparse24 import SparsityConfig
+
+    cfg = LlamaConfig(**LLAMA_1B, bos_token_id=1, eos_token_id=None, pad_token_id=0)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa", dtype=torch.bfloat16)
+    model.eval()
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    gen = torch.Generator(device="cpu").manual_seed(1)
+    input_ids = torch.randint(1, cfg.vocab_size, (args.batch, args.prompt), generator=gen).cuda()
+    attention_mask = torch.ones_like(input_ids)
+    configs = {"dense": SparsityConfig.dense(), "2:4": SparsityConfig()}
+
+    def use(variant: str) -> None:
+        if variant == "sdpa":
+            model.set_attn_implementation("sdpa")
+            return
+        name, _, split = variant.removeprefix("sparse24-").partition("-")
+        model.set_attn_implementation("sparse24")
+        sparse24.hf.sparsify(model, configs[name])
+        sparse24.hf.decode_kv_splits(1 if split == "unsplit" else None)
+
+    def generate(new: int, events=None):
+        extra = dict(logits_processor=LogitsProcessorList([events])) if events is not None else {}
+        with torch.no_grad():
+            return model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=new,
+                                  min_new_tokens=new, do_sample=False, eos_token_id=None, pad_token_id=0, **extra)
+
+    variants = args.variants.split(",")
+    tokens = {}
+    for variant in variants:  # warm-up: every kernel compiled before anything is timed
+        use(variant)
+        tokens[variant] = generate(8)[:, args.prompt:]
+    for r in range(args.rounds):
+        for variant in variants:
+            use(variant)
+            ev = _StepEvents()
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            ev.mark()
+            out = generate(args.new, ev)
+            torch.cuda.synchronize()
+            wall = (time.perf_counter() - t) * 1e3
+            gaps = ev.gaps_ms()
+            dec = gaps[1:]
+            rec = dict(part="hf", variant=variant, round=r, decode_ms_step_median=round(statistics.median(dec), 4),
+                       decode_ms_step_min=round(min(dec), 4), prefill_ms=round(gaps[0], 3),
+                       generate_wall_ms=round(wall, 2))
+            if variant != "sdpa":
+                rec["first8_tokens_equal_to_sdpa"] = round(float((out[:, args.prompt:args.prompt + 8]
+                                                                  == tokens["sdpa"]).float().mean()), 4)
+            records.append(rec)
+            print(json.dumps(rec), flush=True)
+    sparse24.hf.decode_kv_splits(None)
+
+
+def table(result: dict) -> str:
+    env = result["env"]
+    lines = [f"{env['card']}, {env['date']}, sparse24 {env['version']}, torch {env['torch']}, "
+             f"transformers {env['transformers']}", ""]
+    kern = [r for r in result["records"] if r["part"] == "kernel"]
+    if kern:
+        lines += ["Bare decode kernel, B=8, H 32/8, D=64, bf16 (µs per call)", "",
+                  "| config | kv_len | splits | launches | device (graph) | eager (back-to-back) |",
+                  "|---|---|---|---|---|---|"]
+        for r in kern:
+            lines.append(f"| {r['config']} | {r['kv_len']} | {r['num_kv_splits']} | {r['launches']} | {r['device_us']:.1f} | "
+                         f"{r['eager_us']:.1f} |")
+        lines.append("")
+    hf = [r for r in result["records"] if r["part"] == "hf"]
+    if hf:
+        m = result["model"]
+        lines += [f"HF generate, dynamic cache, random Llama-3.2-1B shape, bf16, B={m['batch']}, prompt {m['prompt']}, "
+                  f"{m['new']} new tokens; median ms/step per run, median over {m['rounds']} interleaved rounds", "",
+                  "| variant | median over rounds | best round | per round |", "|---|---|---|---|"]
+        for variant in dict.fromkeys(r["variant"] for r in hf):
+            runs = [r["decode_ms_step_median"] for r in hf if r["variant"] == variant]
+            lines.append(f"| {variant} | {statistics.median(runs):.2f} | {min(runs):.2f} | "
+                         f"{', '.join(f'{x:.2f}' for x in runs)} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--new", type=int, default=64)
+    p.add_argument("--prompt", type=int, default=4096)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--variants", default="sdpa,sparse24-dense,sparse24-dense-unsplit,sparse24-2:4,"
+                                         "sparse24-2:4-unsplit")
+    p.add_argument("--kv-lens", default="512,1024,2048,4096,8192")
+    p.add_argument("--parts", default="kernel,hf")
+    p.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results"))
+    args = p.parse_args()
+
+    import transformers
+    import triton
+
+    import sparse24
+
+    card = torch.cuda.get_device_name()
+    env = dict(card=card, date=datetime.date.today().isoformat(), version=sparse24.__version__,
+               torch=torch.__version__, triton=triton.__version__, transformers=transformers.__version__)
+    records: list = []
+    parts = args.parts.split(",")
+    if "kernel" in parts:
+        kernel_part([int(x) for x in args.kv_lens.split(",")], records)
+    if "hf" in parts:
+        hf_part(args, records)
+    result = dict(env=env, model=dict(llama=LLAMA_1B, batch=args.batch, prompt=args.prompt, new=args.new,
+                                      rounds=args.rounds, cache="dynamic (transformers' default)"),
+                  method=__doc__, records=records)
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"hf-decode-{card.replace(' ', '-')}"
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
+    (out / f"{stem}.md").write_text(table(result))
+    print(table(result))
+
+
+if __name__ == "__main__":
+    main()
