@@ -20,6 +20,9 @@ Llama (e.g. SmolLM2-135M-Instruct from ``sparse24.models.load_model``)::
 a ``sparse24.plan.Plan`` (from ``sparse24 plan``), or
 ``{layer_index: SparsityConfig | None}`` (None and layers not named are dense), as in
 ``sparse24.hf.sparsify``.
+
+Several devices: ``model.shard(jax.sharding.Mesh(devices, ("model",)))`` splits every layer's
+attention heads and KV cache over the mesh axis "model" (``Llama.shard``).
 """
 
 from __future__ import annotations
@@ -32,9 +35,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from sparse24.config import SparsityConfig
 from sparse24.flax import PageAllocator, PagedAttention
+from sparse24.jax_ops import unified_attention, write_kv_cache
 
 __all__ = ["LlamaConfig", "Llama", "load_from_hf", "resolve_attention"]
 
@@ -191,15 +196,47 @@ class Attention(nnx.Module):
         self.paged = PagedAttention(num_q_heads=hq, num_kv_heads=hkv, head_dim=d, num_blocks=num_blocks,
                                     block_size=block_size, dtype=dtype, config=sparsity, backend=backend,
                                     softmax_scale=1.0 / math.sqrt(d))
+        self.mesh, self.head_axis = None, None  # set by Llama.shard
 
     def __call__(self, x, batch: Batch, cos, sin):
         t = x.shape[0]
         q = apply_rope(self.q_proj(x).reshape(t, self.num_q_heads, self.head_dim), cos, sin)
         k = apply_rope(self.k_proj(x).reshape(t, self.num_kv_heads, self.head_dim), cos, sin)
         v = self.v_proj(x).reshape(t, self.num_kv_heads, self.head_dim)
-        out = self.paged(q, k, v, slot_mapping=batch.slot_mapping, block_table=batch.block_table,
-                         cu_seqlens_q=batch.cu_seqlens_q, seq_lens=batch.seq_lens)
+        if self.mesh is None:
+            out = self.paged(q, k, v, slot_mapping=batch.slot_mapping, block_table=batch.block_table,
+                             cu_seqlens_q=batch.cu_seqlens_q, seq_lens=batch.seq_lens)
+        else:
+            out = self._paged_over_heads(q, k, v, batch)
         return self.o_proj(out.reshape(t, self.num_q_heads * self.head_dim))
+
+    def _paged_over_heads(self, q, k, v, batch: Batch):
+        """``self.paged`` (cache write, then unified attention) under ``jax.shard_map`` over
+        ``head_axis``: with n devices on that axis each one holds q [T, H_q/n, D], k/v
+        [T, H_kv/n, D] and its cache slice [num_blocks, block_size, H_kv/n, D] (contiguous head
+        ranges, so every GQA group stays on one device); the metadata is replicated. The
+        projections around it stay replicated (q/k/v and the output are pinned replicated), so
+        every device computes them as one device would. Returns out [T, H_q, D]."""
+        paged, mesh, axis = self.paged, self.mesh, self.head_axis
+        replicated = jax.sharding.NamedSharding(mesh, P())
+        q, k, v = (jax.lax.with_sharding_constraint(a, replicated) for a in (q, k, v))
+
+        def per_device(q, k, v, k_cache, v_cache, slot_mapping, block_table, cu_seqlens_q, seq_lens):
+            k_cache, v_cache = write_kv_cache(k, v, k_cache, v_cache, slot_mapping, backend=paged.backend)
+            out = unified_attention(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, config=paged.config,
+                                    softmax_scale=paged.softmax_scale, window=paged.window, softcap=paged.softcap,
+                                    backend=paged.backend)
+            return out, k_cache, v_cache
+
+        heads, cache = P(None, axis, None), P(None, None, axis, None)
+        out, k_cache, v_cache = jax.shard_map(
+            per_device, mesh=mesh, in_specs=(heads, heads, heads, cache, cache, P(), P(), P(), P()),
+            out_specs=(heads, cache, cache),
+        )(q, k, v, paged.k_cache[...], paged.v_cache[...], batch.slot_mapping, batch.block_table,
+          batch.cu_seqlens_q, batch.seq_lens)
+        paged.k_cache[...] = k_cache
+        paged.v_cache[...] = v_cache
+        return jax.lax.with_sharding_constraint(out, replicated)
 
 
 class MLP(nnx.Module):
@@ -241,6 +278,8 @@ class Llama(nnx.Module):
       backend: the attention backend (``sparse24.jax_ops``): "auto" (the jax-triton kernel on a
         GPU, the jax.numpy reference on CPU) | "reference" | "interpret" | "triton".
       dtype / param_dtype: computation / parameter dtype (the KV cache uses ``dtype``).
+
+    Runs on one device unless :meth:`shard` spreads its attention heads over a mesh.
     """
 
     def __init__(self, config: LlamaConfig, *, attention="dense", backend: str = "auto", num_blocks: int = 64,
@@ -260,6 +299,7 @@ class Llama(nnx.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype=param_dtype)
         self.lm_head = None if config.tie_word_embeddings else nnx.Linear(
             config.hidden_size, config.vocab_size, use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.mesh, self.head_axis = None, None  # set by shard()
 
     # --- configuration
 
@@ -280,6 +320,62 @@ class Llama(nnx.Module):
                 layer.self_attn.paged.backend = backend
         return self
 
+    def shard(self, mesh: jax.sharding.Mesh, *, head_axis: str = "model") -> "Llama":
+        """Spread the attention heads over the devices of ``mesh``'s axis ``head_axis``; returns
+        the model, sharded from then on (every later call, ``step``, ``generate``, ``reserve``).
+
+        With n devices on ``head_axis`` (n must divide ``num_kv_heads``), every layer's cache
+        write and attention run under ``jax.shard_map``: device i holds query heads
+        ``[i*H_q/n, (i+1)*H_q/n)`` of q [T, H_q, D] and KV heads ``[i*H_kv/n, (i+1)*H_kv/n)`` of
+        the caches [num_blocks, block_size, H_kv, D] (placed with a ``NamedSharding`` over their
+        KV-head axis; whole GQA groups per device); the metadata (block table, lengths, slots)
+        is replicated. That is how a per-head kernel that XLA cannot partition (the jax-triton
+        custom call, the interpreter's host callback) runs under a mesh, on every backend.
+
+        Everything else (the weights, embeddings, norms, projections, MLP and logits) stays
+        replicated over the whole mesh, the simplest correct choice: each device computes them
+        whole, as one device would. Axes of ``mesh`` other than ``head_axis`` replicate
+        everything too: the packed tokens of :meth:`step` share one page pool, so they are
+        not split over a batch axis.
+
+        Every head's attention is the single-device computation on the same inputs. The
+        results equal the single-device model's up to float32 rounding: XLA compiles the
+        elementwise code around the attention (RoPE) of the partitioned program differently,
+        which can move values by an ulp (measured on CPU: logits within 1e-6 of their largest
+        magnitude, as between the same model jitted and run eagerly; greedy tokens equal).
+
+        Args:
+          mesh: a ``jax.sharding.Mesh``.
+          head_axis: the name of the mesh axis the heads are split over.
+        """
+        if not isinstance(mesh, jax.sharding.Mesh):
+            raise TypeError(f"mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}")
+        if not isinstance(head_axis, str) or head_axis not in mesh.axis_names:
+            raise ValueError(f"head_axis must name an axis of the mesh (one of {list(mesh.axis_names)}), "
+                             f"got {head_axis!r}")
+        size = mesh.shape[head_axis]
+        if self.config.num_kv_heads % size:
+            raise ValueError(f"the mesh's head_axis {head_axis!r} has {size} devices, which must divide "
+                             f"num_kv_heads ({self.config.num_kv_heads})")
+        self.mesh, self.head_axis = mesh, head_axis
+        for layer in self.layers:
+            layer.self_attn.mesh, layer.self_attn.head_axis = mesh, head_axis
+        replicated = jax.sharding.NamedSharding(mesh, P())
+        for _, node in nnx.iter_graph(self):
+            if isinstance(node, nnx.Variable) and not isinstance(node, nnx.Cache):
+                node.set_value(jax.device_put(node.get_value(), replicated))
+        self._place_caches()
+        return self
+
+    def _place_caches(self) -> None:
+        """Put every layer's K/V cache on the mesh, split over its KV-head axis (no-op unsharded)."""
+        if self.mesh is None:
+            return
+        sharding = jax.sharding.NamedSharding(self.mesh, P(None, None, self.head_axis, None))
+        for layer in self.layers:
+            for var in (layer.self_attn.paged.k_cache, layer.self_attn.paged.v_cache):
+                var.set_value(jax.device_put(var.get_value(), sharding))
+
     def reserve(self, num_blocks: int) -> None:
         """Grow every layer's paged cache to at least ``num_blocks`` pages (contents kept)."""
         have = self.num_blocks
@@ -291,6 +387,7 @@ class Llama(nnx.Module):
                 var = getattr(paged, name)
                 old = var.get_value()
                 var.set_value(jnp.concatenate([old, jnp.zeros((num_blocks - have,) + old.shape[1:], old.dtype)]))
+        self._place_caches()
 
     # --- forward
 
