@@ -122,3 +122,34 @@ def write_results(records: list[dict], stem: str, env: dict, table: str, out_dir
     base.with_suffix(".json").write_text(json.dumps(records, indent=1) + "\n")
     base.with_suffix(".md").write_text(table)
     return base
+
+
+class StepEvents:
+    """A transformers logits processor that marks every generated token: a CUDA event recorded
+    on the current stream (no sync), or with ``host_clock`` a ``time.perf_counter`` stamp (CPU
+    runs). ``mark()`` once before ``generate`` makes the first gap the prefill."""
+
+    def __init__(self, host_clock: bool = False):
+        self.host_clock = host_clock
+        self.marks = []
+
+    def mark(self):
+        if self.host_clock:
+            import time
+
+            self.marks.append(time.perf_counter())
+        else:
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            self.marks.append(e)
+
+    def __call__(self, input_ids, scores):
+        self.mark()
+        return scores
+
+    def gaps_ms(self) -> list[float]:
+        """Milliseconds between consecutive marks (synchronises for CUDA events)."""
+        if self.host_clock:
+            return [(b - a) * 1e3 for a, b in zip(self.marks, self.marks[1:])]
+        torch.cuda.synchronize()
+        return [a.elapsed_time(b) for a, b in zip(self.marks, self.marks[1:])]

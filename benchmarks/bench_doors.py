@@ -437,32 +437,6 @@ def section_jax(run: Run) -> None:
 # 3: HF generate
 
 
-class _StepEvents:
-    """Logits processor: one CUDA event (no sync) or host timestamp per generated token."""
-
-    def __init__(self, smoke: bool):
-        self.smoke = smoke
-        self.marks = []
-
-    def mark(self):
-        if self.smoke:
-            self.marks.append(time.perf_counter())
-        else:
-            e = torch.cuda.Event(enable_timing=True)
-            e.record()
-            self.marks.append(e)
-
-    def __call__(self, input_ids, scores):
-        self.mark()
-        return scores
-
-    def gaps_ms(self) -> list[float]:
-        if self.smoke:
-            return [(b - a) * 1e3 for a, b in zip(self.marks, self.marks[1:])]
-        torch.cuda.synchronize()
-        return [a.elapsed_time(b) for a, b in zip(self.marks, self.marks[1:])]
-
-
 def _profile_counts(run: Run, do) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
@@ -516,7 +490,7 @@ def section_hf(run: Run) -> None:
 
     static = {}  # "cache": the one StaticCache of the current static run (reset before every generate)
 
-    def generate(new: int, events: _StepEvents | None = None, **kw):
+    def generate(new: int, events: "common.StepEvents | None" = None, **kw):
         extra = dict(logits_processor=LogitsProcessorList([events])) if events is not None else {}
         if "cache" in static:
             static["cache"].reset()
@@ -534,7 +508,7 @@ def section_hf(run: Run) -> None:
         return (time.perf_counter() - t) * 1e3, out
 
     def timed(new: int, **kw) -> dict:
-        ev = _StepEvents(run.smoke)
+        ev = common.StepEvents(host_clock=run.smoke)
         sync(run)
         ev.mark()  # before generate: prefill is the first gap
         t = time.perf_counter()

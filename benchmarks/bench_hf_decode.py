@@ -31,33 +31,17 @@ import datetime
 import json
 import pathlib
 import statistics
+import sys
 import time
 
 import torch
 
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+import _common as common  # noqa: E402
+
 LLAMA_1B = dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                 num_attention_heads=32, num_key_value_heads=8, head_dim=64, max_position_embeddings=131072,
                 rope_theta=500000.0, tie_word_embeddings=True)
-
-
-class _StepEvents:
-    """Logits processor: one CUDA event (no sync) per generated token."""
-
-    def __init__(self):
-        self.marks = []
-
-    def mark(self):
-        e = torch.cuda.Event(enable_timing=True)
-        e.record()
-        self.marks.append(e)
-
-    def __call__(self, input_ids, scores):
-        self.mark()
-        return scores
-
-    def gaps_ms(self) -> list[float]:
-        torch.cuda.synchronize()
-        return [a.elapsed_time(b) for a, b in zip(self.marks, self.marks[1:])]
 
 
 def kernel_part(kv_lens, records: list) -> None:
@@ -159,7 +143,7 @@ def hf_part(args, records: list) -> None:
     for r in range(args.rounds):
         for variant in variants:
             use(variant)
-            ev = _StepEvents()
+            ev = common.StepEvents()
             torch.cuda.synchronize()
             t = time.perf_counter()
             ev.mark()
