@@ -153,3 +153,9 @@ class StepEvents:
             return [(b - a) * 1e3 for a, b in zip(self.marks, self.marks[1:])]
         torch.cuda.synchronize()
         return [a.elapsed_time(b) for a, b in zip(self.marks, self.marks[1:])]
+
+
+# The HF benchmarks' model: Llama-3.2-1B's shape (random weights), for transformers.LlamaConfig
+LLAMA_1B = dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8, head_dim=64,
+                intermediate_size=8192, vocab_size=128256, rope_theta=500000.0, tie_word_embeddings=True,
+                max_position_embeddings=131072, rms_norm_eps=1e-5)

@@ -110,9 +110,7 @@ SHAPES = [  # (B, S, Hq, Hkv, D)
 ]
 SMOKE_SHAPES = [(1, 64, 4, 2, 32), (2, 32, 4, 4, 32), (2, 48, 2, 2, 16)]
 
-LLAMA_1B = dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8, head_dim=64,
-                intermediate_size=8192, vocab_size=128256, rope_theta=500000.0, tie_word_embeddings=True,
-                max_position_embeddings=131072, rms_norm_eps=1e-5)
+LLAMA_1B = common.LLAMA_1B
 LLAMA_TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                   intermediate_size=128, vocab_size=256, rope_theta=500000.0, tie_word_embeddings=True,
                   max_position_embeddings=512, rms_norm_eps=1e-5)

@@ -39,9 +39,7 @@ import torch
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 import _common as common  # noqa: E402
 
-LLAMA_1B = dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                num_attention_heads=32, num_key_value_heads=8, head_dim=64, max_position_embeddings=131072,
-                rope_theta=500000.0, tie_word_embeddings=True)
+LLAMA_1B = common.LLAMA_1B
 
 
 def kernel_part(kv_lens, records: list) -> None:

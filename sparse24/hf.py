@@ -407,11 +407,9 @@ def decode_kv_splits(num_kv_splits: int | None) -> None:
     to the planner, which splits the keys until the grid covers the GPU. Results do not change
     beyond fp32 rounding (the split merges partial softmaxes); only the launch does. For
     measuring (benchmarks/bench_hf_decode.py)."""
-    if num_kv_splits is not None and (isinstance(num_kv_splits, bool) or not isinstance(num_kv_splits, int)
-                                      or num_kv_splits < 1 or num_kv_splits & (num_kv_splits - 1)
-                                      or num_kv_splits > 64):
-        raise ValueError(f"num_kv_splits must be None or a power of two in [1, 64], got {num_kv_splits!r}")
-    _DECODE_KV_SPLITS[0] = num_kv_splits
+    from sparse24.validation import check_num_kv_splits
+
+    _DECODE_KV_SPLITS[0] = check_num_kv_splits(num_kv_splits)  # the ops' own rule (TypeError / ValueError)
     _PLANS.clear()
     _DIRECT.clear()
 

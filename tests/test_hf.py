@@ -553,8 +553,11 @@ def test_decode_kv_splits_changes_the_launch_not_the_result(monkeypatch, kernel_
         sparse24.hf.decode_kv_splits(None)
     decode_logits()
     assert segments and all(s[1] in (None, 0) for s in segments), segments
-    for bad in (0, 3, 128, 2.0, True, "1"):
+    for bad in (0, 3, 128):
         with pytest.raises(ValueError, match="num_kv_splits"):
+            sparse24.hf.decode_kv_splits(bad)
+    for bad in (2.0, True, "1"):  # the ops' rule: a wrong type is a TypeError
+        with pytest.raises(TypeError, match="num_kv_splits"):
             sparse24.hf.decode_kv_splits(bad)
 
 

@@ -222,12 +222,21 @@ class PagedAttention(nnx.Module):
                  max_seqlen_q: int | None = None, max_seqlen_k: int | None = None):
         """q [T, H_q, D], k/v [T, H_kv, D] (the new tokens), slot_mapping i32[T] (their cache slots),
         block_table i32[B, max_blocks], cu_seqlens_q i32[B+1], seq_lens i32[B] -> out [T, H_q, D]."""
-        k_cache, v_cache = write_kv_cache(k, v, self.k_cache[...], self.v_cache[...], slot_mapping,
-                                          backend=self.backend)
-        self.k_cache[...] = k_cache
-        self.v_cache[...] = v_cache
-        return unified_attention(
+        out, self.k_cache[...], self.v_cache[...] = self.apply(
+            q, k, v, self.k_cache[...], self.v_cache[...], slot_mapping=slot_mapping, block_table=block_table,
+            cu_seqlens_q=cu_seqlens_q, seq_lens=seq_lens, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k)
+        return out
+
+    def apply(self, q, k, v, k_cache, v_cache, *, slot_mapping, block_table, cu_seqlens_q, seq_lens,
+              max_seqlen_q: int | None = None, max_seqlen_k: int | None = None):
+        """The call on explicit caches, without touching the module's state (for ``jax.shard_map``,
+        where each device holds a slice of the heads): the arrays as in ``__call__``, k_cache /
+        v_cache [num_blocks, block_size, H_kv, D] -> (out [T, H_q, D], k_cache, v_cache) with the
+        new tokens written."""
+        k_cache, v_cache = write_kv_cache(k, v, k_cache, v_cache, slot_mapping, backend=self.backend)
+        out = unified_attention(
             q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, config=self.config,
             softmax_scale=self.softmax_scale, window=self.window, softcap=self.softcap,
             max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, backend=self.backend,
         )
+        return out, k_cache, v_cache

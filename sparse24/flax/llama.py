@@ -39,7 +39,6 @@ from jax.sharding import PartitionSpec as P
 
 from sparse24.config import SparsityConfig
 from sparse24.flax import PageAllocator, PagedAttention
-from sparse24.jax_ops import unified_attention, write_kv_cache
 
 __all__ = ["LlamaConfig", "Llama", "load_from_hf", "resolve_attention"]
 
@@ -222,11 +221,8 @@ class Attention(nnx.Module):
         q, k, v = (jax.lax.with_sharding_constraint(a, replicated) for a in (q, k, v))
 
         def per_device(q, k, v, k_cache, v_cache, slot_mapping, block_table, cu_seqlens_q, seq_lens):
-            k_cache, v_cache = write_kv_cache(k, v, k_cache, v_cache, slot_mapping, backend=paged.backend)
-            out = unified_attention(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, config=paged.config,
-                                    softmax_scale=paged.softmax_scale, window=paged.window, softcap=paged.softcap,
-                                    backend=paged.backend)
-            return out, k_cache, v_cache
+            return paged.apply(q, k, v, k_cache, v_cache, slot_mapping=slot_mapping, block_table=block_table,
+                               cu_seqlens_q=cu_seqlens_q, seq_lens=seq_lens)
 
         heads, cache = P(None, axis, None), P(None, None, axis, None)
         out, k_cache, v_cache = jax.shard_map(
