@@ -14,12 +14,22 @@ import os
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
+# pytest-xdist (``-n auto`` in pyproject.toml): one worker per core. Each worker's torch (and
+# the processes its tests start) then takes its share of the cores instead of all of them;
+# oversubscribed threads made the suite slower in parallel than in series on 2 cores.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _workers)))
+
 from sparse24.backends import kernels_interpreted, use_interpreter_if_no_gpu  # noqa: E402
 
 use_interpreter_if_no_gpu()
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 @pytest.fixture(scope="session")
