@@ -126,6 +126,19 @@ def _i(x):
 
 
 @triton.jit
+def _at_least3(x, y, z, T: tl.constexpr):
+    """True where at least ``T`` (1..3) of the three flags are true (one 3-input logic op)."""
+    if T == 3:
+        out = x & y & z
+    elif T == 2:
+        out = _maj(x, y, z)
+    else:
+        tl.static_assert(T == 1, "T must be 1..3")
+        out = x | y | z
+    return out
+
+
+@triton.jit
 def select_of_4(s0, s1, s2, s3, N_KEEP: tl.constexpr):
     """Selected flags of the members of groups of 4 (keys 4g+0 .. 4g+3), elementwise."""
     c01 = s0 >= s1  # member 0 outranks member 1 (ties: lower index)
@@ -134,18 +147,11 @@ def select_of_4(s0, s1, s2, s3, N_KEEP: tl.constexpr):
     c12 = s1 >= s2
     c13 = s1 >= s3
     c23 = s2 >= s3
-    if N_KEEP == 2:
-        # rank < 2 <=> outranks at least two of the other three
-        k0 = _maj(c01, c02, c03)
-        k1 = _maj(~c01, c12, c13)
-        k2 = _maj(~c02, ~c12, c23)
-        k3 = _maj(~c03, ~c13, ~c23)
-    else:
-        # wins_r = members r outranks; rank = 3 - wins
-        k0 = 3 - (_i(c01) + _i(c02) + _i(c03)) < N_KEEP
-        k1 = 3 - (_i(~c01) + _i(c12) + _i(c13)) < N_KEEP
-        k2 = 3 - (_i(~c02) + _i(~c12) + _i(c23)) < N_KEEP
-        k3 = 3 - (_i(~c03) + _i(~c13) + _i(~c23)) < N_KEEP
+    # member r is selected when it outranks at least 4 - N_KEEP of the other three
+    k0 = _at_least3(c01, c02, c03, 4 - N_KEEP)
+    k1 = _at_least3(~c01, c12, c13, 4 - N_KEEP)
+    k2 = _at_least3(~c02, ~c12, c23, 4 - N_KEEP)
+    k3 = _at_least3(~c03, ~c13, ~c23, 4 - N_KEEP)
     return k0, k1, k2, k3
 
 

@@ -70,6 +70,12 @@ def _find_seq_idx(cu_seqlens_q_ptr, q_block_global, num_seqs, BLOCK_Q: tl.conste
 
 
 @triton.jit
+def _max_propagating_nan(a, b):
+    """Combine of a max reduction that returns NaN if any element is NaN."""
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
 def _tanh(x):
     """tanh without libdevice (which the interpreter lacks); exact at +-inf."""
     return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
@@ -188,14 +194,26 @@ def _attend_tile(
             if USE_RECENT:
                 distance = query_pos[:, None] - key_idx[None, :]
                 keep = keep | ((distance >= 0) & (distance < dense_recent_tokens))
-        # A dropped score becomes score - inf: -inf for every finite (or -inf) score, NaN for a NaN
-        # one, so a NaN score of a visible key reaches the softmax whatever the selection decided
-        # (docs/SPEC.md §2, "NaN": the row's output and LSE are NaN, as in SDPA).
-        score = tl.where(keep, score, score + float("-inf"))
 
     # Online softmax in log2 units (exp2). A row with nothing kept so far keeps m = -inf;
-    # use 0 as the shift there so exp2(-inf - shift) = 0 instead of NaN.
-    m_new = tl.maximum(m_i, tl.max(score, 1) * logit_scale)  # [BLOCK_M]
+    # use 0 as the shift there so exp2(-inf - shift) = 0 instead of NaN. The NaN rule (docs/SPEC.md
+    # §2, "NaN"): a NaN score of a visible key makes the row's output and LSE NaN, as in SDPA,
+    # whatever the selection decided.
+    if N_KEEP < GROUP_M and GROUP_M == 4:
+        # M=4: the running max is taken over the visible scores before the selection (every
+        # group's largest score is kept, N >= 1, so it is the max over the kept ones) and does
+        # not wait for it; it propagates NaN, so a dropped score simply becomes -inf: one add per
+        # score less than the M=8 way below (H200, 2:4: +5% at B=8 S=2k, -1.4% at D=64, equal
+        # elsewhere; benchmarks/NOTES.md, session 9).
+        m_new = tl.maximum(m_i, tl.reduce(score, 1, _max_propagating_nan) * logit_scale,
+                           propagate_nan=tl.PropagateNan.ALL)  # [BLOCK_M]
+        score = tl.where(keep, score, float("-inf"))
+    else:
+        if N_KEEP < GROUP_M:
+            # M=8 (measured 6% slower with the M=4 way): a dropped score becomes score - inf: -inf
+            # for every finite (or -inf) score, NaN for a NaN one, which reaches the softmax.
+            score = tl.where(keep, score, score + float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(score, 1) * logit_scale)  # [BLOCK_M]
     m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.exp2(m_i - m_shift)
     p = tl.exp2(score * logit_scale - m_shift[:, None])  # [BLOCK_M, TILE_N]
