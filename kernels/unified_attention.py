@@ -75,6 +75,38 @@ def _max_propagating_nan(a, b):
     return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
 
 
+def _interpreter_reduces_max_propagating_nan_in_numpy() -> bool:
+    """Triton's interpreter runs a reduction with a user combine element by element in Python
+    (thousands of times slower than its numpy paths for ``tl.max``); give it numpy's max for
+    ``_max_propagating_nan``, which propagates NaN the same way (compiled kernels are not
+    touched). Returns whether the interpreter was taught; an interpreter without the expected
+    internals keeps its slow, equally exact path."""
+    from triton.runtime.jit import JITFunction
+
+    if isinstance(_max_propagating_nan, JITFunction):  # compiled: nothing to do
+        return False
+    try:
+        import numpy as np
+        from triton.runtime.interpreter import ReduceOps
+    except ImportError:
+        return False
+    if getattr(ReduceOps, "_sparse24_max_propagating_nan", False) or not hasattr(ReduceOps, "min_max"):
+        return bool(getattr(ReduceOps, "_sparse24_max_propagating_nan", False))
+    generic = ReduceOps.apply_impl
+
+    def apply_impl(self, input):
+        if self.combine_fn is _max_propagating_nan:
+            return self.min_max(input[0], val_reduce_op=np.max)
+        return generic(self, input)
+
+    ReduceOps.apply_impl = apply_impl
+    ReduceOps._sparse24_max_propagating_nan = True
+    return True
+
+
+_interpreter_reduces_max_propagating_nan_in_numpy()
+
+
 @triton.jit
 def _tanh(x):
     """tanh without libdevice (which the interpreter lacks); exact at +-inf."""

@@ -202,3 +202,28 @@ def test_reference_selection_keeps_a_nan_key():
     nan_rows = masks[0][2:4]
     assert nan_rows[:, :, 4].all()  # the NaN key (member 0 of group 1) is kept by every row
     assert (nan_rows[:, :, 4:8].sum(-1) == 2).all() and (rows[:, :, 4:8].sum(-1) == 2).all()
+
+
+@pytest.mark.skipif(not kernels_interpreted(), reason="only the interpreter reduces a user combine element by element")
+def test_interpreter_reduces_the_nan_propagating_max_in_numpy():
+    """The M=4 kernel's running max (``_max_propagating_nan``) reaches the interpreter's numpy
+    path (a user combine would run element by element in Python and slow every interpreted
+    M=4 test by orders of magnitude), and that path propagates NaN like the compiled max."""
+    from triton.runtime.interpreter import ReduceOps
+
+    from sparse24.kernels import unified_attention as kernel_module
+
+    assert kernel_module._interpreter_reduces_max_propagating_nan_in_numpy()
+    calls = []
+    generic = ReduceOps.generic_reduce
+    ReduceOps.generic_reduce = lambda self, input: calls.append(self.combine_fn) or generic(self, input)
+    try:
+        q = torch.randn(1, 64, 2, 16, generator=torch.Generator().manual_seed(0))
+        k, v = torch.randn_like(q), torch.randn_like(q)
+        q[0, 5, 1, 3] = float("nan")
+        out = torch_padded_attention(q, k, v, config=SparsityConfig(dense_recent_tokens=0), backend="interpret")
+    finally:
+        ReduceOps.generic_reduce = generic
+    assert kernel_module._max_propagating_nan not in calls
+    nan_rows = torch.isnan(out).any(-1)[0]  # [S, H]
+    assert nan_rows[5, 1] and nan_rows.sum() == 1  # query 5 of head 1, no other row
