@@ -86,7 +86,6 @@ def _interpreter_reduces_max_propagating_nan_in_numpy() -> bool:
     if isinstance(_max_propagating_nan, JITFunction):  # compiled: nothing to do
         return False
     try:
-        import numpy as np
         from triton.runtime.interpreter import ReduceOps
     except ImportError:
         return False
@@ -96,7 +95,9 @@ def _interpreter_reduces_max_propagating_nan_in_numpy() -> bool:
 
     def apply_impl(self, input):
         if self.combine_fn is _max_propagating_nan:
-            return self.min_max(input[0], val_reduce_op=np.max)
+            # the interpreter's arrays are numpy's: ndarray.max propagates NaN
+            return self.min_max(input[0], val_reduce_op=lambda data, axis, keepdims: data.max(axis=axis,
+                                                                                           keepdims=keepdims))
         return generic(self, input)
 
     ReduceOps.apply_impl = apply_impl
