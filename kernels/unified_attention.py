@@ -77,7 +77,7 @@ def _max_propagating_nan(a, b):
 
 def _interpreter_reduces_max_propagating_nan_in_numpy() -> bool:
     """Triton's interpreter runs a reduction with a user combine element by element in Python
-    (thousands of times slower than its numpy paths for ``tl.max``); give it numpy's max for
+    (thousands of times slower than its numpy paths for ``tl.max``); give it ``ndarray.max`` for
     ``_max_propagating_nan``, which propagates NaN the same way (compiled kernels are not
     touched). Returns whether the interpreter was taught; an interpreter without the expected
     internals keeps its slow, equally exact path."""
@@ -89,8 +89,10 @@ def _interpreter_reduces_max_propagating_nan_in_numpy() -> bool:
         from triton.runtime.interpreter import ReduceOps
     except ImportError:
         return False
-    if getattr(ReduceOps, "_sparse24_max_propagating_nan", False) or not hasattr(ReduceOps, "min_max"):
-        return bool(getattr(ReduceOps, "_sparse24_max_propagating_nan", False))
+    if getattr(ReduceOps, "_sparse24_max_propagating_nan", False):  # taught already (a second import)
+        return True
+    if not hasattr(ReduceOps, "min_max"):
+        return False
     generic = ReduceOps.apply_impl
 
     def apply_impl(self, input):
