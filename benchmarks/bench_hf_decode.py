@@ -16,7 +16,11 @@ Two parts, one process, one card:
             records one event per token, no sync); per variant: the median over rounds and
             the best round (the least disturbed by the host: lent hosts are noisy).
             ``*-unsplit`` variants force ``num_kv_splits=1`` for the decode layers
-            (sparse24.hf.decode_kv_splits).
+            (sparse24.hf.decode_kv_splits). ``/ sdpa``: the median over rounds of each
+            run's ratio to the sdpa run of its round (the host drifts between rounds; the
+            ratio of neighbours is steadier than either median). ``--vary-prompt K``: round
+            r's prompt is ``--prompt + K r`` tokens, so no round meets cached shapes (a
+            new prompt's case: sdpa's cuDNN path builds a plan per new key length).
 
     python benchmarks/bench_hf_decode.py [--rounds 5] [--new 64] [--prompt 4096] [--out DIR]
 
@@ -114,8 +118,8 @@ def hf_part(args, records: list) -> None:
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
     gen = torch.Generator(device="cpu").manual_seed(1)
-    input_ids = torch.randint(1, cfg.vocab_size, (args.batch, args.prompt), generator=gen).cuda()
-    attention_mask = torch.ones_like(input_ids)
+    longest = args.prompt + args.vary_prompt * max(args.rounds - 1, 0)
+    all_ids = torch.randint(1, cfg.vocab_size, (args.batch, longest), generator=gen).cuda()
     configs = {"dense": SparsityConfig.dense(), "2:4": SparsityConfig()}
 
     def use(variant: str) -> None:
@@ -127,10 +131,11 @@ def hf_part(args, records: list) -> None:
         sparse24.hf.sparsify(model, configs[name])
         sparse24.hf.decode_kv_splits(1 if split == "unsplit" else None)
 
-    def generate(new: int, events=None):
+    def generate(new: int, events=None, prompt: int = args.prompt):
         extra = dict(logits_processor=LogitsProcessorList([events])) if events is not None else {}
+        input_ids = all_ids[:, :prompt]
         with torch.no_grad():
-            return model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=new,
+            return model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=new,
                                   min_new_tokens=new, do_sample=False, eos_token_id=None, pad_token_id=0, **extra)
 
     variants = args.variants.split(",")
@@ -139,21 +144,22 @@ def hf_part(args, records: list) -> None:
         use(variant)
         tokens[variant] = generate(8)[:, args.prompt:]
     for r in range(args.rounds):
+        prompt = args.prompt + args.vary_prompt * r  # --vary-prompt: no round meets the lengths of another
         for variant in variants:
             use(variant)
             ev = common.StepEvents()
             torch.cuda.synchronize()
             t = time.perf_counter()
             ev.mark()
-            out = generate(args.new, ev)
+            out = generate(args.new, ev, prompt)
             torch.cuda.synchronize()
             wall = (time.perf_counter() - t) * 1e3
             gaps = ev.gaps_ms()
             dec = gaps[1:]
-            rec = dict(part="hf", variant=variant, round=r, decode_ms_step_median=round(statistics.median(dec), 4),
+            rec = dict(part="hf", variant=variant, round=r, prompt=prompt, decode_ms_step_median=round(statistics.median(dec), 4),
                        decode_ms_step_min=round(min(dec), 4), prefill_ms=round(gaps[0], 3),
                        generate_wall_ms=round(wall, 2))
-            if variant != "sdpa":
+            if variant != "sdpa" and prompt == args.prompt:
                 rec["first8_tokens_equal_to_sdpa"] = round(float((out[:, args.prompt:args.prompt + 8]
                                                                   == tokens["sdpa"]).float().mean()), 4)
             records.append(rec)
@@ -178,11 +184,17 @@ def table(result: dict) -> str:
     if hf:
         m = result["model"]
         lines += [f"HF generate, dynamic cache, random Llama-3.2-1B shape, bf16, B={m['batch']}, prompt {m['prompt']}, "
-                  f"{m['new']} new tokens; median ms/step per run, median over {m['rounds']} interleaved rounds", "",
-                  "| variant | median over rounds | best round | per round |", "|---|---|---|---|"]
+                  f"{m['new']} new tokens; median ms/step per run, median over {m['rounds']} interleaved rounds"
+                  + (f"; round r's prompt is {m['prompt']} + {m['vary_prompt']} r tokens" if m.get("vary_prompt") else "")
+                  + "; / sdpa: the median over rounds of the run's ratio to sdpa's run of the same round", "",
+                  "| variant | median over rounds | best round | / sdpa | per round |", "|---|---|---|---|---|"]
+        sdpa = {r["round"]: r["decode_ms_step_median"] for r in hf if r["variant"] == "sdpa"}
         for variant in dict.fromkeys(r["variant"] for r in hf):
             runs = [r["decode_ms_step_median"] for r in hf if r["variant"] == variant]
-            lines.append(f"| {variant} | {statistics.median(runs):.2f} | {min(runs):.2f} | "
+            ratios = [r["decode_ms_step_median"] / sdpa[r["round"]] for r in hf
+                      if r["variant"] == variant and r["round"] in sdpa]
+            ratio = f"{statistics.median(ratios):.3f}" if ratios else "-"
+            lines.append(f"| {variant} | {statistics.median(runs):.2f} | {min(runs):.2f} | {ratio} | "
                          f"{', '.join(f'{x:.2f}' for x in runs)} |")
     return "\n".join(lines) + "\n"
 
@@ -193,6 +205,10 @@ def main() -> None:
     p.add_argument("--new", type=int, default=64)
     p.add_argument("--prompt", type=int, default=4096)
     p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--vary-prompt", type=int, default=0,
+                   help="round r's prompt is --prompt + r * this many tokens (0: the same prompt every round; "
+                        "then every round after the first meets cached shapes, e.g. cuDNN's plans)")
+    p.add_argument("--stem", default=None, help="output file name stem (default hf-decode-<card>)")
     p.add_argument("--variants", default="sdpa,sparse24-dense,sparse24-dense-unsplit,sparse24-2:4,"
                                          "sparse24-2:4-unsplit")
     p.add_argument("--kv-lens", default="512,1024,2048,4096,8192")
@@ -215,11 +231,11 @@ def main() -> None:
     if "hf" in parts:
         hf_part(args, records)
     result = dict(env=env, model=dict(llama=LLAMA_1B, batch=args.batch, prompt=args.prompt, new=args.new,
-                                      rounds=args.rounds, cache="dynamic (transformers' default)"),
+                                      rounds=args.rounds, vary_prompt=args.vary_prompt, cache="dynamic (transformers' default)"),
                   method=__doc__, records=records)
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"hf-decode-{card.replace(' ', '-')}"
+    stem = args.stem or f"hf-decode-{card.replace(' ', '-')}"
     (out / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
     (out / f"{stem}.md").write_text(table(result))
     print(table(result))

@@ -168,6 +168,7 @@ def unified_attention_launches(
     num_kv_splits: int | None = None,
     num_sms: int | None = None,
     interpret: bool = False,
+    row_fixup: bool = False,
     q_strides: Shape | None = None,
     k_cache_strides: Shape | None = None,
     v_cache_strides: Shape | None = None,
@@ -188,6 +189,10 @@ def unified_attention_launches(
         row (forces one segment: the reduce does not merge statistics).
       num_kv_splits: force a split-KV count (None = the planner's); num_sms: the GPU's SMs.
       interpret: the kernels run in Triton's CPU interpreter.
+      row_fixup: with a split, the reduce launch also reads the input arrays ``row_keep``
+        bool [num_tokens] and ``row_fill`` [num_tokens] (q's dtype) and writes ``row_fill``
+        over every row whose ``row_keep`` is False (:func:`applies_row_fixup` tells whether
+        the launches do; without a split they do not, and the caller applies it).
       *_strides: element strides of the arrays (None = contiguous; JAX arrays always are).
         block_table is (num_seqs, max_blocks_per_seq); it is only strided, never sized here.
 
@@ -261,18 +266,26 @@ def unified_attention_launches(
     )
     if not plan.is_split:
         return (main,)
-    reduce_constexprs = plan.reduce_constexprs(store_lse=bool(store_lse))
+    reduce_constexprs = plan.reduce_constexprs(store_lse=bool(store_lse), row_fixup=bool(row_fixup))
     reduce_warps, reduce_stages = reduce_constexprs.pop("num_warps"), reduce_constexprs.pop("num_stages")
+    fixup = ("row_keep", "row_fill") if row_fixup else ("segm_max", "segm_max")  # dummies: never read
     reduce = _launch(
         reduce_segments_kernel,
         plan.reduce_grid,
-        inputs=[("segm_acc_ptr", "segm_acc"), ("segm_max_ptr", "segm_max"), ("segm_sum_ptr", "segm_sum")],
+        inputs=[("segm_acc_ptr", "segm_acc"), ("segm_max_ptr", "segm_max"), ("segm_sum_ptr", "segm_sum"),
+                ("row_keep_ptr", fixup[0]), ("row_fill_ptr", fixup[1])],
         outputs=out_lse,
         keywords=dict(**out_lse_strides, **reduce_constexprs),
         num_warps=reduce_warps,
         num_stages=reduce_stages,
     )
     return (main, reduce)
+
+
+def applies_row_fixup(launches: Sequence[KernelLaunch]) -> bool:
+    """The launches of :func:`unified_attention_launches` apply its ``row_fixup`` (a split:
+    the reduce launch does)."""
+    return bool(launches[-1].keywords.get("USE_ROW_FIXUP"))
 
 
 @_cached

@@ -107,13 +107,14 @@ class AttentionPlan:
             num_stages=self.num_stages,
         )
 
-    def reduce_constexprs(self, *, store_lse: bool) -> dict:
+    def reduce_constexprs(self, *, store_lse: bool, row_fixup: bool = False) -> dict:
         """Keyword constexprs of ``reduce_segments_kernel`` (plus num_warps and num_stages)."""
         return dict(
             HEAD_DIM=self.head_dim,
             HEAD_DIM_PAD=self.head_dim_pad,
             NUM_SEGMENTS=self.num_segments,
             STORE_LSE=bool(store_lse),
+            USE_ROW_FIXUP=bool(row_fixup),
             num_warps=4,
             num_stages=1,  # no loop to pipeline
         )
@@ -234,7 +235,8 @@ def plan_unified_attention(
     if is_fp32 and block_m * head_dim_pad >= MAX_TILE_ELEMENTS:
         tile_n = 32
     elif block_m >= 256:
-        tile_n = 64
+        # M=8 prefill at 256 rows: 32 keys (H200: +2-4% over 64, benchmarks/NOTES.md Session 10)
+        tile_n = 32 if sparse and m == 8 and block_q >= 16 else 64
     elif small_elements and (block_m >= 128 or block_m < 64):
         tile_n = 128
     elif sparse and small_elements:

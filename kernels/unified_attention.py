@@ -513,6 +513,8 @@ def reduce_segments_kernel(
     segm_acc_ptr,  # [num_tokens, num_q_heads, NUM_SEGMENTS, HEAD_DIM_PAD] fp32
     segm_max_ptr,  # [num_tokens, num_q_heads, NUM_SEGMENTS] fp32, log2 units
     segm_sum_ptr,  # [num_tokens, num_q_heads, NUM_SEGMENTS] fp32
+    row_keep_ptr,  # [num_tokens] bool (USE_ROW_FIXUP): False = write row_fill instead of the row
+    row_fill_ptr,  # [num_tokens] out's dtype (USE_ROW_FIXUP); both are dummies otherwise
     # ---- output arrays ----
     out_ptr,  # [num_tokens, num_q_heads, head_dim]
     lse_ptr,  # [num_tokens, num_q_heads] fp32 (STORE_LSE)
@@ -527,8 +529,12 @@ def reduce_segments_kernel(
     HEAD_DIM_PAD: tl.constexpr,
     NUM_SEGMENTS: tl.constexpr,
     STORE_LSE: tl.constexpr,
+    USE_ROW_FIXUP: tl.constexpr,
 ):
-    """Merge split-KV partials. Grid: (num_tokens, num_q_heads)."""
+    """Merge split-KV partials. Grid: (num_tokens, num_q_heads). With USE_ROW_FIXUP a token
+    whose ``row_keep`` is False gets ``row_fill`` in every element of ``out`` (the LSE is
+    unchanged): ``sparse24.hf``'s decode fix-up (rows with holes: NaN; rows without a real
+    query: 0) without a separate ``where`` launch per layer."""
     token = tl.program_id(0).to(tl.int64)
     q_head = tl.program_id(1).to(tl.int64)
     num_q_heads = tl.num_programs(1)
@@ -545,6 +551,9 @@ def reduce_segments_kernel(
     seg_acc = tl.load(segm_acc_ptr + row[:, None] * HEAD_DIM_PAD + offs_d[None, :])  # [NUM_SEGMENTS, HEAD_DIM_PAD]
     total_safe = tl.where(total == 0.0, 1.0, total)
     out = tl.sum(seg_acc * weight[:, None], 0) / total_safe  # [HEAD_DIM_PAD]
+    if USE_ROW_FIXUP:
+        keep = tl.load(row_keep_ptr + token) != 0
+        out = tl.where(keep, out, tl.load(row_fill_ptr + token).to(tl.float32))
     tl.store(
         out_ptr + token * stride_out_token + q_head * stride_out_head + offs_d.to(tl.int64) * stride_out_dim,
         out.to(out_ptr.dtype.element_ty),

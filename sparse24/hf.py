@@ -537,10 +537,12 @@ def attention_forward(
                       id(attention_mask))
         direct = _DIRECT.get(direct_key)
         if direct is not None and direct[0] is attention_mask and direct[1] == _version(attention_mask):
-            _, _, step, launch, out = direct
+            _, _, step, launch, scratch = direct
             layout = step.layout
+            out = scratch if scratch is not None else torch.empty((batch, 1, num_q_heads, head_dim),
+                                                                  dtype=query.dtype, device=query.device)
             if launch(query, key, value, layout.block_table, layout.cu_seqlens_q, layout.seq_lens, out):
-                return torch.where(step.keep, out, step.fill), None
+                return (torch.where(step.keep, out, step.fill) if scratch is not None else out), None
     k_cache, pages_per_row = _paged_view(key)
     v_cache, v_pages_per_row = _paged_view(value)
     copied_value = v_pages_per_row != pages_per_row
@@ -570,15 +572,23 @@ def attention_forward(
                 layout.block_table.shape, *options.values())
         plan = _PLANS.get(form, lambda: plan_unified_attention(q_packed, k_cache, v_cache, *tables, out=out_packed,
                                                                **options))
-        plan(q_packed, k_cache, v_cache, *tables, out=out_packed)
-        if (direct_key is not None and step.keep is not None and not copied_value
+        # a decode step's fix-up (packed row b is sequence b's query): in the split's reduce launch
+        fixup = None if step.keep is None or q_len != 1 else (step.keep.view(-1), step.fill.view(-1))
+        plan(q_packed, k_cache, v_cache, *tables, out=out_packed, row_fixup=fixup)
+        decode_step = step
+        if fixup is not None:
+            step = step._replace(keep=None, fill=None)  # applied
+        if (direct_key is not None and fixup is not None and not copied_value
                 and q_packed.data_ptr() == query.data_ptr() and k_cache.data_ptr() == key.data_ptr()
                 and v_cache.data_ptr() == value.data_ptr()):
-            launch = plan.direct(q_packed, k_cache, v_cache, *tables, out_packed)
-            if launch is not None:  # the next layers' calls of this step: out is scratch (where copies it)
-                _DIRECT.put(direct_key, (attention_mask, _version(attention_mask), step, launch,
-                                         torch.empty((batch, 1, num_q_heads, head_dim), dtype=query.dtype,
-                                                     device=query.device)))
+            launch = plan.direct(q_packed, k_cache, v_cache, *tables, out_packed, row_fixup=fixup)
+            if launch is not None:  # the next layers' calls of this step
+                # the reduce launch writes the fixed-up rows into a new output; without a split
+                # the kernel writes into scratch and ``where`` makes the output
+                scratch = None if launch.row_fixup else torch.empty((batch, 1, num_q_heads, head_dim),
+                                                                    dtype=query.dtype, device=query.device)
+                _DIRECT.put(direct_key, (attention_mask, _version(attention_mask), decode_step,
+                                         launch, scratch))
     else:  # traced: no cache (the trace runs once)
         unified_attention(q_packed, k_cache, v_cache, *tables, out=out_packed, **options)
     out = _layouts.unpack_padded_torch(buffer, layout, (batch, q_len, num_q_heads, head_dim))

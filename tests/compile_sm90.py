@@ -45,6 +45,8 @@ def signature(kernel, dtype: str, constexprs: dict, float_scalar: str = "fp32") 
             sig[name] = "*fp32"
         elif name in INT32_POINTERS:
             sig[name] = "*i32"
+        elif name == "row_keep_ptr":
+            sig[name] = "*i1"
         elif name.endswith("_ptr"):
             sig[name] = "*" + TRITON_DTYPE[dtype]
         elif name in FLOAT_SCALARS:
@@ -176,6 +178,9 @@ def jobs():
             reduce_done.add(key)
             yield ("compile", "reduce_segments", dtype, plan.reduce_constexprs(store_lse=flags["store_lse"]),
                    f"reduce_segments {key}")
+            yield ("compile", "reduce_segments", dtype,  # sparse24.hf's decode steps: the row fix-up
+                   plan.reduce_constexprs(store_lse=flags["store_lse"], row_fixup=True),
+                   f"reduce_segments {key} row fix-up")
     # torch.compile (Inductor) passes Python floats as fp64 scalars
     plan = plan_unified_attention(num_tokens=64, num_seqs=2, dtype="bfloat16", max_seqlen_k=300, n=2, m=4,
                                   head_dim=64, max_seqlen_q=37, num_q_heads=8, num_kv_heads=2)

@@ -609,19 +609,26 @@ def test_collect_kept_mass_per_layer_and_head(kernel_backend):
             pass
 
 
-def test_decode_with_holes_outputs_nan():
+@pytest.mark.parametrize("splits", [None, 2], ids=["planner", "split"])
+def test_decode_with_holes_outputs_nan(kernel_backend, splits):
     """A decode step cannot raise without a host read: a row whose mask has holes gets NaN
-    (the other rows are unaffected)."""
-    model = tiny_model("llama")
+    (the other rows are unaffected), also when the split's reduce launch writes the fix-up
+    (``decode_kv_splits(2)``; the planner does not split in the interpreter)."""
+    backend, device = kernel_backend
+    model = tiny_model("llama").to(device)
     model.set_attn_implementation("sparse24")
-    sparse24.hf.sparsify(model, TWO_FOUR)
-    ids, mask = left_padded_batch()
-    with torch.no_grad():
-        cache = transformers.DynamicCache(config=model.config)
-        model(ids, attention_mask=mask, past_key_values=cache, use_cache=True)
-        holed = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1)
-        holed[1, -3] = 0
-        logits = model(ids[:, -1:], attention_mask=holed, past_key_values=cache, use_cache=True).logits
+    sparse24.hf.sparsify(model, TWO_FOUR, backend=backend)
+    ids, mask = (t.to(device) for t in left_padded_batch())
+    sparse24.hf.decode_kv_splits(splits)
+    try:
+        with torch.no_grad():
+            cache = transformers.DynamicCache(config=model.config)
+            model(ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+            holed = torch.cat([mask, mask.new_ones(2, 1)], 1)
+            holed[1, -3] = 0
+            logits = model(ids[:, -1:], attention_mask=holed, past_key_values=cache, use_cache=True).logits
+    finally:
+        sparse24.hf.decode_kv_splits(None)
     assert torch.isnan(logits[1]).all() and torch.isfinite(logits[0]).all()
 
 

@@ -211,6 +211,29 @@ def test_split_count_does_not_change_results(kernel_backend):
         assert_close_report(o, outs[0], atol=1e-6, rtol=1e-6, name=f"splits={s} vs 1")
 
 
+@pytest.mark.parametrize("splits", [1, 4])
+def test_row_fixup_writes_the_fill_over_dropped_rows_only(kernel_backend, splits):
+    """A plan's ``row_fixup`` (``sparse24.hf``'s decode fix-up): rows whose keep is False come
+    out as their fill (NaN or 0) in every element, the other rows as without it; with a split
+    the reduce launch writes it (``USE_ROW_FIXUP``), without one a ``where`` after the kernel."""
+    from sparse24.torch_ops import plan_unified_attention
+
+    backend, device = kernel_backend
+    inputs = make_paged_inputs((1, 1, 1, 1), (40, 77, 1, 130), num_q_heads=4, num_kv_heads=2, head_dim=32,
+                               block_size=16, seed=5, device=device)
+    plan = plan_unified_attention(*inputs, max_seqlen_q=1, max_seqlen_k=130, num_kv_splits=splits, backend=backend)
+    plain = plan(*inputs)
+    keep = torch.tensor([True, False, True, False], device=device)
+    fill = torch.tensor([0.0, float("nan"), 5.0, 0.0], device=device)
+    fixed = plan(*inputs, row_fixup=(keep, fill))
+    assert torch.equal(fixed[keep], plain[keep])
+    assert torch.isnan(fixed[1]).all() and torch.equal(fixed[3], torch.zeros_like(fixed[3]))
+    assert not torch.isnan(plain).any()
+    reference = plan_unified_attention(*inputs, max_seqlen_q=1, max_seqlen_k=130, backend="reference")
+    torch.testing.assert_close(fixed, reference(*inputs, row_fixup=(keep, fill)), atol=1e-5, rtol=1e-5,
+                               equal_nan=True)
+
+
 def test_golden_cases_kernel(kernel_backend):
     """The 40 independent float64 cases of the spec (../shared/golden) through the kernel."""
     backend, device = kernel_backend

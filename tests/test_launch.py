@@ -46,9 +46,14 @@ def test_flags_follow_the_options():
 
 def test_split_reduce_reads_the_main_partials():
     main, reduce = L.unified_attention_launches(**dict(CALL, num_kv_splits=4))
-    assert reduce.input_arrays == ("segm_acc", "segm_max", "segm_sum")
+    assert reduce.input_arrays == ("segm_acc", "segm_max", "segm_sum", "segm_max", "segm_max")  # no fix-up: dummies
     assert set(reduce.input_arrays) <= set(main.output_arrays)
     assert reduce.output_arrays == ("out", "lse")
+    assert not L.applies_row_fixup((main, reduce)) and not reduce.keywords["USE_ROW_FIXUP"]
+    fixed = L.unified_attention_launches(**dict(CALL, num_kv_splits=4, row_fixup=True))
+    assert fixed[1].input_arrays[3:] == ("row_keep", "row_fill") and L.applies_row_fixup(fixed)
+    assert fixed[0] == main  # the main launch is the same
+    assert not L.applies_row_fixup(L.unified_attention_launches(**dict(CALL, row_fixup=True)))  # no split, no reduce
     acc = [o for o in main.outputs if o.array == "segm_acc"][0]
     assert acc.shape[:3] == (37, 8, 4)
     assert (reduce.num_warps, reduce.num_stages) == (4, 1)  # from the planner, not a launcher
@@ -125,7 +130,7 @@ def test_run_launches_threads_named_arrays():
     names = ("q", "k_cache", "v_cache", "block_table", "cu_seqlens_q", "seq_lens")
     env = L.run_launches((main, reduce), {n: n for n in names}, launch_fn)
     assert seen[0][1] == names
-    assert seen[1][1] == tuple(f"{main.kernel.__name__}:segm_{s}" for s in ("acc", "max", "sum"))
+    assert seen[1][1] == tuple(f"{main.kernel.__name__}:segm_{s}" for s in ("acc", "max", "sum", "max", "max"))
     assert env["out"] == f"{reduce.kernel.__name__}:out"
 
 
@@ -281,3 +286,71 @@ def test_direct_launches_pass_user_arrays_and_fixed_buffers_in_kernel_order(monk
     count = len(calls)
     assert not direct(q[1:], other, other, bt, other, other, other)  # misaligned: the caller takes the plan
     assert len(calls) == count
+
+
+def test_direct_launches_call_the_c_launcher_on_the_current_stream(monkeypatch):
+    """On a CUDA device with Triton 3.6's launcher, ``DirectLaunches`` calls the compiled
+    kernel's C launcher itself: grid, the device's current stream, the kernel handle, its
+    flags, no scratch, the packed metadata, no launch metadata or hooks, then the arguments
+    the runner would get. A set launch hook (a profiler) or a kernel that needs scratch memory
+    takes Triton's runner instead. (Fake launcher; the real one runs in tests/test_hf.py's
+    GPU comparison of direct launches with the plan.)"""
+    import torch
+
+    from sparse24.torch_ops import _launch as TL
+
+    assert TL.BARE_LAUNCH  # the pinned Triton's launcher layout (constraints-cpu.txt); else runners only
+    calls = []
+
+    class Launcher:
+        global_scratch_size = profile_scratch_size = 0
+        launch_cooperative_grid, launch_pdl = False, True
+
+        def launch(self, *args):
+            calls.append(("bare", args))
+
+    class Compiled:
+        function, packed_metadata = 1234, (4, 1, 0)
+
+        def __init__(self):
+            self.run = Launcher()
+
+        def __getitem__(self, grid):
+            return lambda *args: calls.append(("runner", grid, args))
+
+    class Kernel:
+        arg_names = ["q_ptr", "bt_ptr", "n"]
+
+        def __getitem__(self, grid):
+            return lambda *args, **kw: compiled
+
+    compiled = Compiled()
+    launch = L.KernelLaunch(kernel=Kernel(), grid=(2, 3), inputs=(("q_ptr", "q"), ("bt_ptr", "block_table")),
+                            outputs=(), keywords={"n": 7}, num_warps=4, num_stages=1)
+    monkeypatch.setattr(TL, "INTERPRETED", False)
+    monkeypatch.setattr(TL, "_COMPILED", {})
+    monkeypatch.setattr(TL, "_current_raw_stream", lambda index: 1000 + index)
+    device = torch.device("cuda", 1)  # never touched: the fake kernel gets integers only
+    q, bt = torch.zeros(8), torch.zeros(8, dtype=torch.int32)
+    TL._run_one(launch, [q, bt], {}, direct=True, device=device)
+    dtypes = {"q": q.dtype, "block_table": bt.dtype}
+    direct = TL.DirectLaunches.build([launch], {}, device, dtypes)
+    other = torch.zeros(8)
+    calls.clear()
+    assert direct(q, other, other, bt, other, other, other)
+    assert calls == [("bare", (2, 3, 1, 1001, 1234, False, True, None, None, (4, 1, 0), None, None, None,
+                               q.data_ptr(), bt.data_ptr(), 7))]
+    hook = object()
+    from triton import knobs
+
+    monkeypatch.setattr(knobs.runtime.launch_enter_hook, "calls", [hook])
+    calls.clear()
+    assert direct(q, other, other, bt, other, other, other)
+    assert calls == [("runner", (2, 3, 1), (q.data_ptr(), bt.data_ptr(), 7))]
+    monkeypatch.setattr(knobs.runtime.launch_enter_hook, "calls", [])
+    monkeypatch.setattr(Launcher, "global_scratch_size", 256)
+    monkeypatch.setattr(TL, "_COMPILED", {})
+    TL._run_one(launch, [q, bt], {}, direct=True, device=device)
+    direct = TL.DirectLaunches.build([launch], {}, device, dtypes)
+    calls.clear()
+    assert direct(q, other, other, bt, other, other, other) and calls[0][0] == "runner"

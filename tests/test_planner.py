@@ -84,6 +84,11 @@ def test_prefill_tiles_measured_table():
     """The H200 measurements behind the defaults (benchmarks/NOTES.md)."""
     d128 = plan(dtype="bfloat16", head_dim=128)
     assert (d128.block_m, d128.tile_n, d128.num_warps) == (256, 64, 16)
+    for n in (2, 4):  # M=8 prefill: 32-key tiles at 256 rows (4:8 199 against 192 TFLOP/s at 16k)
+        m8 = plan(dtype="bfloat16", head_dim=128, n=n, m=8)
+        assert (m8.block_m, m8.tile_n, m8.num_warps) == (256, 32, 16)
+    assert plan(dtype="bfloat16", head_dim=128, n=4, m=8, num_q_heads=256, num_kv_heads=1, max_seqlen_q=1,
+                num_tokens=2, num_seqs=2).tile_n == 64  # a 256-head GQA decode group keeps 64
     sparse64 = plan(dtype="bfloat16", head_dim=64)  # 2:4 192 TFLOP/s against 152 with 256 x 64 / 8 warps
     assert (sparse64.block_m, sparse64.tile_n, sparse64.num_warps) == (128, 128, 4)
     dense64 = plan(dtype="bfloat16", head_dim=64, n=4, m=4)
@@ -327,8 +332,9 @@ def test_kernel_constexprs_values():
     assert d["GROUP_M"] == 1 and d["USE_SINK"] is False and d["USE_RECENT"] is False
     assert d["SPARSE_DECODE"] is True
     r = p.reduce_constexprs(store_lse=False)
-    assert r == dict(HEAD_DIM=128, HEAD_DIM_PAD=128, NUM_SEGMENTS=4, STORE_LSE=False, num_warps=r["num_warps"],
-                     num_stages=1)
+    assert r == dict(HEAD_DIM=128, HEAD_DIM_PAD=128, NUM_SEGMENTS=4, STORE_LSE=False, USE_ROW_FIXUP=False,
+                     num_warps=r["num_warps"], num_stages=1)
+    assert p.reduce_constexprs(store_lse=False, row_fixup=True)["USE_ROW_FIXUP"] is True
 
 
 def test_plan_write_kv_cache():
@@ -380,7 +386,7 @@ def test_unified_attention_kernel_arg_order():
 
 def test_reduce_segments_kernel_arg_order():
     constexprs = set(decode(num_kv_splits=2).reduce_constexprs(store_lse=True)) - {"num_warps", "num_stages"}
-    pointers = ["segm_acc_ptr", "segm_max_ptr", "segm_sum_ptr", "out_ptr", "lse_ptr"]
+    pointers = ["segm_acc_ptr", "segm_max_ptr", "segm_sum_ptr", "row_keep_ptr", "row_fill_ptr", "out_ptr", "lse_ptr"]
     middle = check_order(reduce_segments_kernel, pointers, constexprs)
     assert middle and all(n.startswith("stride_") for n in middle)
 

@@ -17,12 +17,14 @@ subclasses the public functions go through ``torch.ops.sparse24.*``.
 from __future__ import annotations
 
 import functools
+from typing import Optional
 
 import torch
 
 from sparse24.backends import kernels_interpreted
 from sparse24.kernels.launch import (
     KernelLaunch,
+    applies_row_fixup,
     decode_mask_layout_launches,
     run_launches,
     unified_attention_launches,
@@ -138,6 +140,51 @@ def _fast_launch(launch: KernelLaunch, arrays: tuple, device: torch.device) -> N
 
 _USER_ARRAYS = ("q", "k_cache", "v_cache", "block_table", "cu_seqlens_q", "seq_lens", "out")
 
+# Bare launches: a compiled kernel's C launcher called with the stream, the kernel handle and
+# the packed metadata fixed, skipping Triton's Python ``runner`` (a device and a stream query,
+# the launch metadata it builds for the launch hooks, the scratch allocation closures): on
+# the lent H200 hosts that wrapper cost more host time per call than the decode kernel runs.
+# Only for the C launcher whose argument layout was read here (Triton 3.6's CUDA launcher:
+# grid x, y, z, stream, function, cooperative, PDL, global scratch, profile scratch, packed
+# metadata, launch metadata, enter hook, exit hook, the kernel's arguments), for kernels
+# that need no scratch memory, and while no launch hook is set (a profiler such as proton
+# sets them: then the runner runs). Anything else: the runner (``DirectLaunches`` falls back).
+try:
+    from triton import knobs as _knobs
+    from triton.backends.nvidia import driver as _nvidia_driver
+
+    BARE_LAUNCH = getattr(_nvidia_driver, "_BASE_ARGS_FORMAT", None) == "iiiKKppOOOOOO"
+except ImportError:  # another Triton: runners only
+    BARE_LAUNCH = False
+
+
+def _no_launch_hooks() -> bool:
+    runtime = _knobs.runtime
+    enter, exit_ = runtime.launch_enter_hook, runtime.launch_exit_hook
+    return not (getattr(enter, "calls", enter) or getattr(exit_, "calls", exit_))
+
+
+def _bare_launch(compiled, grid: tuple):
+    """``(launch, grid, head)`` to call ``launch(*grid, stream, *head, *arguments)`` for a
+    compiled kernel (the C launcher with the kernel handle, cooperative and PDL flags, no
+    scratch, its packed metadata, no launch metadata and no hooks), or None where this
+    kernel or launcher does not fit (see BARE_LAUNCH)."""
+    if not BARE_LAUNCH:
+        return None
+    try:
+        launcher = compiled.run  # loads the module (the handles) if not yet loaded
+        if launcher.global_scratch_size or launcher.profile_scratch_size:
+            return None
+        head = (compiled.function, launcher.launch_cooperative_grid, launcher.launch_pdl, None, None,
+                compiled.packed_metadata, None, None, None)
+        return launcher.launch, tuple(grid), head
+    except AttributeError:
+        return None
+
+
+def _current_raw_stream(device_index: int) -> int:
+    return torch._C._cuda_getCurrentRawStream(device_index)
+
 
 class DirectLaunches:
     """The compiled kernels of one planned call, launched with nothing between the caller and
@@ -152,18 +199,23 @@ class DirectLaunches:
     handed to Triton's launcher as integers (a tensor argument costs the launcher a
     ``data_ptr()`` call and a driver query each); shapes and strides are the plan's, so a
     caller may pass the tensor an array is a view of when both have the same data pointer.
+    Where every kernel fits (``_bare_launch``) and no launch hook is set, the C launchers are
+    called directly on the current stream; else Triton's runners.
     """
 
-    __slots__ = ("steps", "fixed", "keep_alive")
+    __slots__ = ("steps", "bare", "device_index", "fixed", "keep_alive", "row_fixup")
 
-    def __init__(self, steps, fixed: tuple, keep_alive: tuple):
+    def __init__(self, steps, fixed: tuple, keep_alive: tuple, bare=None, device_index: int = 0):
         self.steps = steps  # ((runner, slots, trailing), ...): slot = index into (7 user pointers, *fixed)
+        self.bare = bare  # None, or ((launch, grid, head, slots, trailing), ...): the C launchers
+        self.device_index = device_index
         self.fixed = fixed  # the fixed buffers' data pointers
         self.keep_alive = keep_alive  # the fixed buffers themselves
+        self.row_fixup = False  # the launches apply a row fix-up (UnifiedAttentionPlan.direct sets it)
 
     @classmethod
     def build(cls, launches, fixed: dict, device: torch.device, dtypes: dict):
-        steps, names_fixed = [], list(fixed)
+        steps, bare, names_fixed = [], [], list(fixed)
         for launch in launches:
             entry = _COMPILED.get(id(launch))
             if entry is None or entry[0] is not launch:
@@ -176,14 +228,24 @@ class DirectLaunches:
             slots = tuple(_USER_ARRAYS.index(n) if n in _USER_ARRAYS else len(_USER_ARRAYS) + names_fixed.index(n)
                           for n in names)
             steps.append((compiled[entry[3]], slots, entry[1]))
+            if bare is not None:
+                direct = _bare_launch(compiled, entry[3]) if device.type == "cuda" else None
+                bare = None if direct is None else [*bare, (*direct, slots, entry[1])]
         buffers = tuple(fixed[n] for n in names_fixed)
-        return cls(tuple(steps), tuple(b.data_ptr() for b in buffers), buffers)
+        index = device.index if device.index is not None else 0
+        return cls(tuple(steps), tuple(b.data_ptr() for b in buffers), buffers,
+                   None if not bare else tuple(bare), index)
 
     def __call__(self, q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, out) -> bool:
         table = (q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), block_table.data_ptr(),
                  cu_seqlens_q.data_ptr(), seq_lens.data_ptr(), out.data_ptr(), *self.fixed)
         if (table[0] | table[1] | table[2] | table[3] | table[4] | table[5] | table[6]) % 16:
             return False
+        if self.bare is not None and _no_launch_hooks():
+            stream = _current_raw_stream(self.device_index)
+            for launch, grid, head, slots, trailing in self.bare:
+                launch(*grid, stream, *head, *[table[i] for i in slots], *trailing)
+            return True
         for runner, slots, trailing in self.steps:
             runner(*[table[i] for i in slots], *trailing)
         return True
@@ -238,25 +300,33 @@ def launch_unified_attention(
     store_lse: bool,
     direct: bool = False,
     store_stats: bool = False,
+    row_keep: Optional[torch.Tensor] = None,
+    row_fill: Optional[torch.Tensor] = None,
 ) -> None:
     """Launch the unified kernel on validated inputs; writes ``out`` [T, H_q, D] and
     (when ``store_lse``) ``lse`` [T, H_q] fp32, or with ``store_stats`` ``lse`` [T, H_q, 3]
     fp32 (LSE, kept mass, kept keys). ``num_kv_splits`` 0 = planner's choice.
     ``direct``: launch the raw Triton kernels (eager calls outside the op dispatcher; the
-    op itself always runs with the default False)."""
+    op itself always runs with the default False). ``row_keep`` bool [T] with ``row_fill``
+    [T] in out's dtype: every row whose ``row_keep`` is False is ``row_fill`` in ``out``
+    (written by the split's reduce launch, or by a ``where`` here without a split)."""
     _launch_unified(
         None, q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, out, lse, n, m, dense_sink_tokens,
         dense_recent_tokens, sparse_decode, causal, softmax_scale, window, softcap, max_seqlen_q, max_seqlen_k,
-        num_kv_splits, store_lse, direct, store_stats,
+        num_kv_splits, store_lse, direct, store_stats, row_keep, row_fill,
     )
 
 
 def _launch_unified(state, q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, out, lse, n, m,
                     dense_sink_tokens, dense_recent_tokens, sparse_decode, causal, softmax_scale, window, softcap,
-                    max_seqlen_q, max_seqlen_k, num_kv_splits, store_lse, direct, store_stats=False) -> None:
+                    max_seqlen_q, max_seqlen_k, num_kv_splits, store_lse, direct, store_stats=False,
+                    row_keep=None, row_fill=None) -> None:
     """:func:`launch_unified_attention`; ``state``: None, or a plan's dict (``torch_ops.api``)
-    that keeps the launch description and the scratch outputs of its call form between calls."""
-    launches = None if state is None else state.get("launches")
+    that keeps the launch descriptions (with and without the row fix-up) and the scratch
+    outputs of its call form between calls."""
+    row_fixup = row_keep is not None
+    slot = "launches_row_fixup" if row_fixup else "launches"
+    launches = None if state is None else state.get(slot)
     if launches is None:
         launches = unified_attention_launches(
             q_shape=tuple(q.shape), dtype=dtype_str(q.dtype), cache_shape=tuple(k_cache.shape),
@@ -265,16 +335,20 @@ def _launch_unified(state, q, k_cache, v_cache, block_table, cu_seqlens_q, seq_l
             softmax_scale=softmax_scale, window=window, softcap=softcap,
             max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, store_lse=store_lse, store_stats=store_stats,
             num_kv_splits=num_kv_splits or None, num_sms=num_sms(q.device), interpret=INTERPRETED,
-            q_strides=tuple(q.stride()), k_cache_strides=tuple(k_cache.stride()),
+            row_fixup=row_fixup, q_strides=tuple(q.stride()), k_cache_strides=tuple(k_cache.stride()),
             v_cache_strides=tuple(v_cache.stride()), block_table_strides=tuple(block_table.stride()),
             out_strides=tuple(out.stride()),
         )
         if state is not None:
-            state["launches"] = launches
+            state[slot] = launches
     arrays = dict(q=q, k_cache=k_cache, v_cache=v_cache, block_table=block_table,
                   cu_seqlens_q=cu_seqlens_q, seq_lens=seq_lens, out=out, lse=lse)
+    if row_fixup:
+        arrays.update(row_keep=row_keep, row_fill=row_fill)
     scratch = None if state is None else state.setdefault("scratch", {})
     run_launches(launches, arrays, functools.partial(_run_one, direct=direct, device=q.device, scratch=scratch))
+    if row_fixup and not applies_row_fixup(launches):  # no split, no reduce launch: the fix-up here
+        out.copy_(torch.where(row_keep[:, None, None], out, row_fill[:, None, None]))
 
 
 def launch_write_kv_cache(

@@ -76,6 +76,7 @@ def _dispatch(
     host_metadata=None,
     state: dict | None = None,
     return_stats: bool = False,
+    row_fixup: tuple | None = None,
 ):
     """Run checked inputs on a resolved backend (no validation here). ``q [T, H_q, D]``,
     caches ``[num_blocks, block_size, H_kv, D]``, ``block_table [B, max_blocks]``,
@@ -84,7 +85,18 @@ def _dispatch(
     ``host_metadata``: the host copies the contract already read, if any (the reference
     backend loops over sequences on the host and reuses them). Returns ``out``, or
     ``(out, lse f32 [T, H_q])``, or with ``return_stats`` ``(out, KeptStats)`` (f32 [T, H_q]
-    each; its ``lse`` is the LSE)."""
+    each; its ``lse`` is the LSE). ``row_fixup``: None, or ``(row_keep bool [T], row_fill [T]
+    in q's dtype)``: the rows whose ``row_keep`` is False come out as ``row_fill`` (the LSE
+    is unchanged)."""
+    if row_fixup is not None and (backend == "reference" or q.shape[0] == 0):
+        result = _dispatch(backend, q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, out=out, config=config,
+                           options=options, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
+                           num_kv_splits=num_kv_splits, return_lse=return_lse, host_metadata=host_metadata,
+                           state=state, return_stats=return_stats)
+        rows = result[0] if isinstance(result, tuple) else result
+        keep, fill = row_fixup
+        rows.copy_(torch.where(keep[:, None, None], rows, fill[:, None, None]))
+        return result
     if return_stats and backend == "reference":
         return _reference_stats(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, out=out, config=config,
                                 options=options, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
@@ -120,10 +132,11 @@ def _dispatch(
             options.causal, options.softmax_scale, options.window, options.softcap,
             int(max_seqlen_q), int(max_seqlen_k), int(num_kv_splits or 0), return_lse or return_stats,
         )
-        if _eager(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, out):
-            _launch_unified(None if return_stats else state, *args, True, return_stats)
+        fixup = () if row_fixup is None else tuple(row_fixup)
+        if _eager(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, out, *fixup):
+            _launch_unified(None if return_stats else state, *args, True, return_stats, *fixup)
         else:
-            torch.ops.sparse24.unified_attention(*args, False, return_stats)
+            torch.ops.sparse24.unified_attention(*args, False, return_stats, *fixup)
     if return_stats:
         return out, _reference.KeptStats(lse[..., 1], lse[..., 2], lse[..., 0])
     return (out, lse) if return_lse else out
@@ -271,33 +284,47 @@ class UnifiedAttentionPlan:
         self.prepared = prepared
         self.state: dict = {}  # direct launches: the launch description and scratch buffers of this form
 
-    def direct(self, q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, out):
+    def direct(self, q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, out, row_fixup=None):
         """The planned call's compiled kernels as a ``DirectLaunches`` (``torch_ops._launch``),
         for arrays of the dtypes of the given ones (arrays of the plan's form):
         ``direct(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, out)`` launches the
         kernels with no per-call work but the arguments (True), or does nothing when an array
         is not 16-byte aligned (False: run the plan instead). Available once the plan has run
         a direct eager launch of compiled kernels without LSE (else None); the caller vouches
-        for the arrays as for the plan (they are read by data pointer only)."""
+        for the arrays as for the plan (they are read by data pointer only). ``row_fixup``
+        (as in ``__call__``): the launches of the plan's runs with it; their ``row_fixup``
+        attribute tells whether they apply it (a split's reduce launch does; without a split
+        the caller applies it)."""
+        from sparse24.kernels.launch import applies_row_fixup
+
         from ._launch import _USER_ARRAYS, FAST_LAUNCH, INTERPRETED, DirectLaunches
 
-        state = self.state
+        state, slot = self.state, "launches" if row_fixup is None else "launches_row_fixup"
         if (self.backend != "triton" or INTERPRETED or not FAST_LAUNCH or self.prepared.return_lse
-                or self.prepared.return_stats or "launches" not in state or "no_lse" not in state):
+                or self.prepared.return_stats or slot not in state or "no_lse" not in state):
             return None
         fixed = dict(state.get("scratch", {}), lse=state["no_lse"])
+        applied = row_fixup is not None and applies_row_fixup(state[slot])
+        if applied:
+            fixed.update(row_keep=row_fixup[0], row_fill=row_fixup[1])
         arrays = (q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, out)
         dtypes = {name: a.dtype for name, a in zip(_USER_ARRAYS, arrays)}
-        return DirectLaunches.build(state["launches"], fixed, q.device, dtypes)
+        direct = DirectLaunches.build(state[slot], fixed, q.device, dtypes)
+        if direct is not None:
+            direct.row_fixup = applied
+        return direct
 
-    def __call__(self, q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, *, out=None):
-        """Run the planned call; returns ``out`` [T, H_q, D] or ``(out, lse)`` as planned."""
+    def __call__(self, q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, *, out=None, row_fixup=None):
+        """Run the planned call; returns ``out`` [T, H_q, D] or ``(out, lse)`` as planned.
+        ``row_fixup``: None, or ``(row_keep bool [T], row_fill [T] in q's dtype)`` on q's
+        device: every row whose ``row_keep`` is False comes out as ``row_fill`` (the LSE is
+        unchanged). ``sparse24.hf``'s decode fix-up; a split's reduce launch applies it."""
         p = self.prepared
         return _dispatch(
             self.backend, q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, out=out, config=p.config,
             options=p.options, max_seqlen_q=p.max_seqlen_q, max_seqlen_k=p.max_seqlen_k,
             num_kv_splits=p.num_kv_splits, return_lse=p.return_lse, host_metadata=p.metadata, state=self.state,
-            return_stats=p.return_stats,
+            return_stats=p.return_stats, row_fixup=row_fixup,
         )
 
 
