@@ -254,7 +254,8 @@ class _Step(NamedTuple):
     ``keep`` bool [B, 1, 1, 1] and ``fill`` [B, 1, 1, 1] in the output dtype (NaN for a row
     whose mask has holes, 0 for a decode row without a real query), or both None; traced
     code (torch.compile) instead NaN-fills the rows ``nan_rows`` (bool [B]) of its gathered
-    output, or nothing (None)."""
+    output, or nothing (None). An eager decode step hands ``keep`` and ``fill`` to the kernels
+    as the plan's ``row_fixup`` (the split's reduce launch writes it; no ``where``)."""
 
     layout: _layouts.MaskLayout
     keep: torch.Tensor | None
@@ -265,7 +266,7 @@ class _Step(NamedTuple):
 def _decode_step(layout: _layouts.MaskLayout, batch: int, dtype: torch.dtype) -> _Step:
     """A decode layout (q_len = 1) whose packed queries and outputs are views of the padded
     ones (no gathers): sequence b owns packed row b, and a row without a real query (its slot
-    is padding) or with holes gets its output replaced (0 / NaN) by the one ``where``."""
+    is padding) or with holes gets its output replaced (0 / NaN) by the fix-up (``_Step``)."""
     device = layout.seq_lens.device
     has_query = layout.rows < batch  # [B] the padding "none" row index is B * q_len = B
     cu = torch.arange(batch + 1, dtype=torch.int32, device=device)
@@ -376,10 +377,12 @@ _PLANS = _Plans()
 
 class _DirectCalls:
     """Eager decode steps: after a step's first layer, the others of the same call form (and
-    the same mask object) launch the compiled kernels directly (``UnifiedAttentionPlan.direct``)
-    into a scratch output, which the fix-up ``where`` copies: (mask, its version counter, step,
-    launches, out) by key; a few entries (hybrid models alternate two forms). Not for sliding
-    layers (their layout also depends on ``position_ids``)."""
+    the same mask object) launch the compiled kernels directly (``UnifiedAttentionPlan.direct``):
+    (mask, its version counter, step, launches, scratch) by key; a few entries (hybrid models
+    alternate two forms). With a split the reduce launch writes the fix-up into a new output
+    (scratch None); without one the kernel writes into the scratch output and the fix-up
+    ``where`` makes the output. Not for sliding layers (their layout also depends on
+    ``position_ids``)."""
 
     def __init__(self, size: int = 4):
         self.size = size

@@ -384,6 +384,27 @@ def test_torch_compile_fullgraph_matches_eager(kernel_backend):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("config", ["4:8,recent=0", "2:8,sink=4,recent=0", "2:4,recent=0"])
+def test_gpu_prefill_tiles_keep_the_reference_decisions(config):
+    """GPU only: the compiled prefill plans of bf16 at D=128 (256-row programs; M=8 on 32-key
+    tiles) keep exactly the keys of the float64 reference, on integer scores (ties on purpose),
+    with GQA 32/8 and a chunk over a longer context."""
+    inputs = make_paged_inputs((300, 1), (700, 77), num_q_heads=32, num_kv_heads=8, head_dim=128, block_size=16,
+                               dtype=torch.bfloat16, integer=True, int_range=1, seed=11, device="cuda")
+    cfg = SparsityConfig.parse(config)
+    from sparse24.kernels import plan_unified_attention as plan
+
+    p = plan(num_tokens=301, num_seqs=2, num_q_heads=32, num_kv_heads=8, head_dim=128, dtype="bfloat16",
+             n=cfg.n, m=cfg.m, max_seqlen_q=300, max_seqlen_k=700)
+    assert p.block_m == 256 and p.tile_n == (32 if cfg.m == 8 else 64)
+    got = kernel_keep_mask(inputs, config=cfg, backend="triton")
+    ref_inputs = [t.cpu().double() if t.is_floating_point() else t.cpu() for t in inputs]
+    want = keep_mask_reference(*[t for i, t in enumerate(ref_inputs) if i != 2], config=cfg)
+    for b, (g, w) in enumerate(zip(got, want)):
+        assert torch.equal(g, w.cpu()), (config, b, int((g != w.cpu()).sum()))
+
+
+@pytest.mark.gpu
 def test_gpu_int64_offsets():
     """Pages past 2**31 elements of the cache: offsets must be computed in int64."""
     num_kv_heads, head_dim, block_size = 8, 128, 16
