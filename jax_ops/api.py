@@ -21,6 +21,7 @@ from sparse24.backends import resolve_backend as _resolve_backend
 from sparse24.config import SparsityConfig
 from sparse24.validation import (
     check_arrays,
+    check_slots_in_range,
     check_write_kv_cache_args,
     prepare_padded_attention,
     prepare_unified_attention,
@@ -273,7 +274,7 @@ def attention(
     return _layouts.unpack_padded_jnp(out, layout, tuple(q.shape))
 
 
-def write_kv_cache(k, v, k_cache, v_cache, slot_mapping, *, backend: str = "auto"):
+def write_kv_cache(k, v, k_cache, v_cache, slot_mapping, *, backend: str = "auto", check_slots: bool = True):
     """Write new keys/values into the paged caches; returns the updated ``(k_cache, v_cache)``.
 
     Functional; on the GPU the cache buffers are aliased to the outputs
@@ -282,13 +283,17 @@ def write_kv_cache(k, v, k_cache, v_cache, slot_mapping, *, backend: str = "auto
     Args:
       k, v: [num_tokens, num_kv_heads, head_dim]; k_cache, v_cache: [num_blocks, block_size,
       num_kv_heads, head_dim]; slot_mapping: i32[num_tokens] (negative = skip).
+      check_slots: True (default): a concrete slot_mapping is read on the host (a traced one
+        under ``jax.jit`` cannot be) and a slot >= num_blocks * block_size is a ValueError;
+        False: no host read. In every case a slot outside ``[0, num_blocks * block_size)`` is
+        skipped: nothing is written outside the caches.
     """
     check_arrays("jax", k=k, v=v, k_cache=k_cache, v_cache=v_cache, slot_mapping=slot_mapping)
     check_write_kv_cache_args(k, v, k_cache, v_cache, slot_mapping)
     chosen = resolve_backend(backend)
     num_slots = k_cache.shape[0] * k_cache.shape[1]
-    if not _is_traced(slot_mapping) and (np.asarray(slot_mapping) >= num_slots).any():
-        raise ValueError(f"slot_mapping must hold slots < num_blocks * block_size = {num_slots} (or < 0 to skip)")
+    check_slots_in_range(None if _is_traced(slot_mapping) else (lambda: np.asarray(slot_mapping)), num_slots,
+                         check_slots)
     k, v, k_cache, v_cache = (jnp.asarray(x) for x in (k, v, k_cache, v_cache))
     slot_mapping = jnp.asarray(slot_mapping)
     if chosen == "reference":

@@ -1,7 +1,8 @@
 """Write new keys/values into a paged KV cache.
 
 Token ``t`` goes to slot ``slot_mapping[t]`` = ``page * block_size + offset``; a negative
-slot (padding) is skipped. The caches appear twice in the signature, once as inputs and
+slot (padding) is skipped, and so is a slot ``>= num_slots`` (the cache's size: the kernel never
+writes outside the cache, also where the caller's slots were not checked on the host). The caches appear twice in the signature, once as inputs and
 once as outputs: jax-triton passes an aliased buffer both ways (``input_output_aliases``),
 torch passes the same tensor to both parameters. Only the outputs are written.
 
@@ -17,7 +18,7 @@ def write_kv_cache_kernel(
     # ---- input arrays ----
     key_ptr,  # [num_tokens, num_kv_heads, head_dim]
     value_ptr,  # [num_tokens, num_kv_heads, head_dim]
-    slot_mapping_ptr,  # [num_tokens] int32 or int64; < 0 means skip
+    slot_mapping_ptr,  # [num_tokens] int32 or int64; < 0 or >= num_slots means skip
     k_cache_in_ptr,  # [num_blocks, block_size, num_kv_heads, head_dim] (aliased with k_cache_ptr)
     v_cache_in_ptr,  # [num_blocks, block_size, num_kv_heads, head_dim] (aliased with v_cache_ptr)
     # ---- output arrays ----
@@ -25,6 +26,7 @@ def write_kv_cache_kernel(
     v_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_dim]
     # ---- runtime scalars ----
     block_size,
+    num_slots,  # num_blocks * block_size
     stride_k_token,
     stride_k_head,
     stride_k_dim,
@@ -47,7 +49,7 @@ def write_kv_cache_kernel(
     token = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1).to(tl.int64)
     slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
-    if slot < 0:
+    if (slot < 0) | (slot >= num_slots):
         return
     page = slot // block_size
     offset = slot - page * block_size

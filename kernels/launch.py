@@ -322,7 +322,7 @@ def write_kv_cache_launches(
                 ("k_cache_in_ptr", "k_cache"), ("v_cache_in_ptr", "v_cache")],
         outputs=(OutputSpec("k_cache_ptr", "k_cache", cache, dtype), OutputSpec("v_cache_ptr", "v_cache", cache, dtype)),
         keywords=dict(
-            block_size=cache[1],
+            block_size=cache[1], num_slots=cache[0] * cache[1],
             stride_k_token=kst[0], stride_k_head=kst[1], stride_k_dim=kst[2],
             stride_v_token=vst[0], stride_v_head=vst[1], stride_v_dim=vst[2],
             stride_kc_block=kcs[0], stride_kc_slot=kcs[1], stride_kc_head=kcs[2], stride_kc_dim=kcs[3],

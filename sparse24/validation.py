@@ -561,6 +561,17 @@ def prepare_padded_attention(
     )
 
 
+def check_slots_in_range(read_slots: Callable[[], np.ndarray] | None, num_slots: int, check_slots: Any) -> None:
+    """``write_kv_cache``'s slot rule, for every door: with ``check_slots`` (a bool) True and
+    the slots readable on the host (``read_slots`` not None: not traced), a slot
+    ``>= num_slots`` (``num_blocks * block_size``) is a ValueError; False reads nothing (no
+    device-to-host copy on the hot path). Either way the kernels and the references skip a
+    slot outside ``[0, num_slots)``: nothing is written outside the cache."""
+    if check_bool("check_slots", check_slots) and read_slots is not None:
+        if (np.asarray(read_slots()) >= num_slots).any():
+            raise ValueError(f"slot_mapping must hold slots < num_blocks * block_size = {num_slots} (or < 0 to skip)")
+
+
 def check_write_kv_cache_args(k, v, k_cache, v_cache, slot_mapping) -> tuple[int, int, int]:
     """Shapes and dtypes of ``write_kv_cache``: ``k/v [num_tokens, num_kv_heads, head_dim]``,
     caches ``[num_blocks, block_size, num_kv_heads, head_dim]``, ``slot_mapping [num_tokens]``

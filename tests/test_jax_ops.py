@@ -224,3 +224,23 @@ def test_gpu_jax_and_torch_kernels_are_bit_identical(dtype_index, case_index):
     want = torch_unified_attention(*inputs, backend="triton", **kwargs)
     got = unified_attention(*to_jax(inputs), backend="triton", **kwargs)
     assert torch.equal(to_torch(got).to(dtype), want.cpu()), (dtype, case, splits, config)
+
+
+def test_write_kv_cache_check_slots_false_skips_slots_outside(jax_backend):
+    """The torch door's slot rule (sparse24.validation.check_slots_in_range): a concrete slot
+    past the cache is a ValueError by default; ``check_slots=False`` reads nothing and skips it
+    (reference and kernel alike, jitted or not); a non-bool is a TypeError."""
+    gen = np.random.default_rng(1)
+    k = jnp.asarray(gen.standard_normal((5, 2, 80)), jnp.float32)
+    cache = jnp.zeros((3, 4, 2, 80), jnp.float32)
+    slots = jnp.asarray([0, 5, 12, 11, 1000], jnp.int32)  # 12 and 1000: past 3 x 4 slots
+    with pytest.raises(ValueError, match=r"^slot_mapping must hold slots < num_blocks \* block_size = 12"):
+        write_kv_cache(k, k, cache, cache, slots, backend=jax_backend)
+    with pytest.raises(TypeError, match=r"^check_slots must be a bool, got str"):
+        write_kv_cache(k, k, cache, cache, slots, backend=jax_backend, check_slots="no")
+    for backend in ("reference", jax_backend):
+        eager, _ = write_kv_cache(k, k, cache, cache, slots, backend=backend, check_slots=False)
+        jitted, _ = jax.jit(lambda *a: write_kv_cache(*a, backend=backend, check_slots=False))(k, k, cache, cache, slots)
+        for got in (eager, jitted):
+            assert int(jnp.count_nonzero(jnp.abs(got).sum(axis=(-1, -2)))) == 3, backend
+            assert np.array_equal(got[1, 1], k[1]) and np.array_equal(got[2, 3], k[3])

@@ -820,3 +820,27 @@ def test_padded_attention_compiles_without_graph_breaks(kernel_backend, with_seq
 
     compiled = torch.compile(step, fullgraph=True, backend="inductor" if device == "cuda" else "aot_eager")
     torch.testing.assert_close(compiled(q, k, v, lens), step(q, k, v, lens), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["reference", "kernel"])
+def test_write_kv_cache_check_slots_false_reads_nothing_and_skips_slots_outside(kernel_backend, monkeypatch, backend):
+    """``check_slots=False``: no host read of slot_mapping (its ``cpu()`` is never called), and
+    a slot past the cache is skipped like a negative one by the reference and the kernel alike
+    (nothing is written outside the caches); the default still raises; a non-bool is a
+    TypeError."""
+    kernel, device = kernel_backend
+    b = kernel if backend == "kernel" else "reference"
+    a, kw = kv_write_args(device)
+    a["slot_mapping"] = _int32([0, 17, 64, 2, 1000])(a["slot_mapping"])  # 64 and 1000: past 4 x 16 slots
+    with pytest.raises(ValueError, match=r"^slot_mapping must hold slots < num_blocks \* block_size = 64"):
+        _call_write(a, kw, backend=b)
+    with pytest.raises(TypeError, match=r"^check_slots must be a bool, got int"):
+        _call_write(a, dict(kw, check_slots=1), backend=b)
+    read = []
+    real_cpu = torch.Tensor.cpu
+    monkeypatch.setattr(torch.Tensor, "cpu", lambda t, *x, **y: read.append(t) or real_cpu(t, *x, **y))
+    k_cache, v_cache = _call_write(a, dict(kw, check_slots=False), backend=b)
+    monkeypatch.undo()
+    assert not any(t is a["slot_mapping"] for t in read)
+    written = k_cache.abs().sum(dim=(-1, -2)).count_nonzero()
+    assert written == 3 and torch.equal(k_cache[1, 1], a["k"][1]) and torch.equal(v_cache[0, 2], a["v"][3])

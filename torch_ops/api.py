@@ -19,6 +19,7 @@ from sparse24.config import SparsityConfig
 from sparse24.validation import (
     AttentionOptions,
     check_arrays,
+    check_slots_in_range,
     check_write_kv_cache_args,
     prepare_padded_attention,
     prepare_unified_attention,
@@ -439,6 +440,7 @@ def write_kv_cache(
     slot_mapping: torch.Tensor,
     *,
     backend: str = "auto",
+    check_slots: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Write new keys/values into the paged caches, in place; returns ``(k_cache, v_cache)``.
 
@@ -447,17 +449,19 @@ def write_kv_cache(
       k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim].
       slot_mapping: i32 or i64 [num_tokens]; token t goes to page ``slot // block_size``,
         slot ``slot % block_size``; a negative slot skips the token (padding).
+      check_slots: True (default): slot_mapping is copied to the host (one sync on a GPU;
+        not under torch.compile or CUDA-graph capture) and a slot >= num_blocks * block_size
+        is a ValueError. False: no host read (a decode loop's hot path). In every case a slot
+        outside ``[0, num_blocks * block_size)`` is skipped: nothing is written outside the
+        caches.
     """
     device = check_arrays("torch", k=k, v=v, k_cache=k_cache, v_cache=v_cache, slot_mapping=slot_mapping)
     check_write_kv_cache_args(k, v, k_cache, v_cache, slot_mapping)
     chosen = resolve_backend(backend, "torch", on_gpu=device.type == "cuda")
     num_slots = k_cache.shape[0] * k_cache.shape[1]
-    if _can_sync():
-        host = slot_mapping.cpu()
-        if (host >= num_slots).any():
-            raise ValueError(f"slot_mapping must hold slots < num_blocks * block_size = {num_slots} (or < 0 to skip)")
+    check_slots_in_range((lambda: slot_mapping.cpu().numpy()) if _can_sync() else None, num_slots, check_slots)
     if chosen == "reference":
-        valid = slot_mapping >= 0
+        valid = (slot_mapping >= 0) & (slot_mapping < num_slots)
         slots = slot_mapping[valid].long()
         block_size = k_cache.shape[1]
         k_cache[slots // block_size, slots % block_size] = k[valid]
