@@ -186,6 +186,12 @@ def _current_raw_stream(device_index: int) -> int:
     return torch._C._cuda_getCurrentRawStream(device_index)
 
 
+def apply_row_fixup(out: torch.Tensor, row_keep: torch.Tensor, row_fill: torch.Tensor) -> None:
+    """The row fix-up where no reduce launch writes it: ``out`` [T, H, D] gets ``row_fill[t]``
+    in every element of each row t whose ``row_keep`` [T] is False (in place)."""
+    out.copy_(torch.where(row_keep[:, None, None], out, row_fill[:, None, None]))
+
+
 class DirectLaunches:
     """The compiled kernels of one planned call, launched with nothing between the caller and
     Triton's launcher but the argument tuple (``UnifiedAttentionPlan.direct``).
@@ -211,7 +217,7 @@ class DirectLaunches:
         self.device_index = device_index
         self.fixed = fixed  # the fixed buffers' data pointers
         self.keep_alive = keep_alive  # the fixed buffers themselves
-        self.row_fixup = False  # the launches apply a row fix-up (UnifiedAttentionPlan.direct sets it)
+        self.row_fixup = False  # a launch writes the row fix-up (reads row_keep; set by build)
 
     @classmethod
     def build(cls, launches, fixed: dict, device: torch.device, dtypes: dict):
@@ -233,8 +239,10 @@ class DirectLaunches:
                 bare = None if direct is None else [*bare, (*direct, slots, entry[1])]
         buffers = tuple(fixed[n] for n in names_fixed)
         index = device.index if device.index is not None else 0
-        return cls(tuple(steps), tuple(b.data_ptr() for b in buffers), buffers,
-                   None if not bare else tuple(bare), index)
+        direct = cls(tuple(steps), tuple(b.data_ptr() for b in buffers), buffers, None if not bare else tuple(bare),
+                     index)
+        direct.row_fixup = any("row_keep" in launch.input_arrays for launch in launches)
+        return direct
 
     def __call__(self, q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, out) -> bool:
         table = (q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), block_table.data_ptr(),
@@ -348,7 +356,7 @@ def _launch_unified(state, q, k_cache, v_cache, block_table, cu_seqlens_q, seq_l
     scratch = None if state is None else state.setdefault("scratch", {})
     run_launches(launches, arrays, functools.partial(_run_one, direct=direct, device=q.device, scratch=scratch))
     if row_fixup and not applies_row_fixup(launches):  # no split, no reduce launch: the fix-up here
-        out.copy_(torch.where(row_keep[:, None, None], out, row_fill[:, None, None]))
+        apply_row_fixup(out, row_keep, row_fill)
 
 
 def launch_write_kv_cache(

@@ -25,7 +25,12 @@ from sparse24.validation import (
     prepare_unified_attention,
 )
 
-from ._launch import _launch_unified, launch_decode_mask_layout, launch_write_kv_cache  # importing registers the ops
+from ._launch import (  # importing registers the ops
+    _launch_unified,
+    apply_row_fixup,
+    launch_decode_mask_layout,
+    launch_write_kv_cache,
+)
 
 
 def _eager(*tensors: torch.Tensor) -> bool:
@@ -89,14 +94,12 @@ def _dispatch(
     each; its ``lse`` is the LSE). ``row_fixup``: None, or ``(row_keep bool [T], row_fill [T]
     in q's dtype)``: the rows whose ``row_keep`` is False come out as ``row_fill`` (the LSE
     is unchanged)."""
-    if row_fixup is not None and (backend == "reference" or q.shape[0] == 0):
+    if row_fixup is not None and backend == "reference":
         result = _dispatch(backend, q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, out=out, config=config,
                            options=options, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
                            num_kv_splits=num_kv_splits, return_lse=return_lse, host_metadata=host_metadata,
                            state=state, return_stats=return_stats)
-        rows = result[0] if isinstance(result, tuple) else result
-        keep, fill = row_fixup
-        rows.copy_(torch.where(keep[:, None, None], rows, fill[:, None, None]))
+        apply_row_fixup(result[0] if isinstance(result, tuple) else result, *row_fixup)
         return result
     if return_stats and backend == "reference":
         return _reference_stats(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, out=out, config=config,
@@ -296,8 +299,6 @@ class UnifiedAttentionPlan:
         (as in ``__call__``): the launches of the plan's runs with it; their ``row_fixup``
         attribute tells whether they apply it (a split's reduce launch does; without a split
         the caller applies it)."""
-        from sparse24.kernels.launch import applies_row_fixup
-
         from ._launch import _USER_ARRAYS, FAST_LAUNCH, INTERPRETED, DirectLaunches
 
         state, slot = self.state, "launches" if row_fixup is None else "launches_row_fixup"
@@ -305,15 +306,11 @@ class UnifiedAttentionPlan:
                 or self.prepared.return_stats or slot not in state or "no_lse" not in state):
             return None
         fixed = dict(state.get("scratch", {}), lse=state["no_lse"])
-        applied = row_fixup is not None and applies_row_fixup(state[slot])
-        if applied:
+        if row_fixup is not None:  # fixed arrays of these launches (unused where no launch reads them)
             fixed.update(row_keep=row_fixup[0], row_fill=row_fixup[1])
         arrays = (q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, out)
         dtypes = {name: a.dtype for name, a in zip(_USER_ARRAYS, arrays)}
-        direct = DirectLaunches.build(state[slot], fixed, q.device, dtypes)
-        if direct is not None:
-            direct.row_fixup = applied
-        return direct
+        return DirectLaunches.build(state[slot], fixed, q.device, dtypes)
 
     def __call__(self, q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, *, out=None, row_fixup=None):
         """Run the planned call; returns ``out`` [T, H_q, D] or ``(out, lse)`` as planned.
