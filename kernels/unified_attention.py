@@ -218,7 +218,7 @@ def _attend_tile(
         seen = seen + tl.sum((score > float("-inf")).to(tl.float32), 1)
         m_vis_new = tl.maximum(m_vis, tl.max(score, 1) * logit_scale)
         m_vis_shift = tl.where(m_vis_new == float("-inf"), 0.0, m_vis_new)
-        l_vis = l_vis * tl.exp2(m_vis - m_vis_shift) + tl.sum(tl.exp2(score * logit_scale - m_vis_shift[:, None]), 1)
+        l_vis = l_vis * tl.exp2(m_vis - m_vis_shift) + tl.sum(tl.exp2(tl.fma(score, logit_scale, -m_vis_shift[:, None])), 1)
         m_vis = m_vis_new
     if N_KEEP < GROUP_M:
         keep = select_tile(score, N_KEEP, GROUP_M, BLOCK_M, TILE_N, MEMBER_STRIDE)
@@ -251,7 +251,10 @@ def _attend_tile(
         m_new = tl.maximum(m_i, tl.max(score, 1) * logit_scale)  # [BLOCK_M]
     m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.exp2(m_i - m_shift)
-    p = tl.exp2(score * logit_scale - m_shift[:, None])  # [BLOCK_M, TILE_N]
+    # one fused multiply-add, written out: left to the compiler, a run-time logit_scale (torch)
+    # contracts to an FMA and a compile-time one (jax-triton binds scalars as constexprs) stays a
+    # multiply and a subtract, which rounds differently (torch and JAX must give the same bits)
+    p = tl.exp2(tl.fma(score, logit_scale, -m_shift[:, None]))  # [BLOCK_M, TILE_N]
     l_i = l_i * alpha + tl.sum(p, 1)
     if STORE_STATS:
         kept = kept + tl.sum((score > float("-inf")).to(tl.float32), 1)
