@@ -18,6 +18,7 @@ SUPPORTED_DTYPES = ("float32", "float16", "bfloat16")
 MAX_KV_SPLITS = 64
 MAX_BLOCK_M = 256  # rows (query tokens x GQA heads) of one program
 MAX_TILE_ELEMENTS = 256 * 128  # block_m x head_dim_pad of one program (see plan_unified_attention)
+RAGGED_BLOCK_M = 64  # rows of one program in a ragged batch (decodes beside prefill chunks)
 
 
 def next_power_of_2(x: int) -> int:
@@ -211,6 +212,19 @@ def plan_unified_attention(
         block_m = 128
     block_m = min(block_m, max(16, next_power_of_2(max(max_seqlen_q, 1) * qpk)))
     block_m = max(block_m, next_power_of_2(qpk), 16)
+    # A ragged batch: sequences much shorter than the longest, such as decodes beside prefill
+    # chunks (a serving engine's mixed step). Each sequence starts its own q-block, so with
+    # 256-row tiles a decode row fills one row group of a 16-warp program that walks its whole
+    # context, latency-bound, holding an SM. When those padding rows could exceed half the
+    # tokens (num_seqs * (block_q - 1) > num_tokens / 2), take 64 rows x 32 keys / 4 warps.
+    # H200, 4 chunks of 512..2048 + 60 decodes at 4k, one launch against the two parts
+    # launched with their own plans: dense 1.50 -> 1.16, 2:4 1.56 -> 1.14 (a lone prefill at
+    # these tiles is ~17% slower; benchmarks/NOTES.md, Session 11). A batch of equal lengths
+    # (an HF prefill) meets the rule only below 126 queries per sequence, where the large
+    # tile is mostly padding anyway. Measured at D=128 only (the 256-row plans).
+    ragged = block_m == 256 and 2 * num_seqs * (block_m // qpk - 1) > num_tokens
+    if ragged:
+        block_m = max(RAGGED_BLOCK_M, next_power_of_2(qpk))
     block_q = block_m // qpk
     # A program holds a whole GQA group (each K/V byte is read once), so H_q/H_kv sets a floor
     # on block_m. Its fp32 output accumulator [block_m, head_dim_pad] takes 64 registers per
@@ -233,6 +247,8 @@ def plan_unified_attention(
     # An fp32 Q tile at that ceiling (128 KiB) leaves shared memory for 32-key K/V tiles only.
     small_elements = not is_fp32 and head_dim_pad <= 128
     if is_fp32 and block_m * head_dim_pad >= MAX_TILE_ELEMENTS:
+        tile_n = 32
+    elif ragged and block_m == RAGGED_BLOCK_M:
         tile_n = 32
     elif block_m >= 256:
         # M=8 prefill at 256 rows: 32 keys (H200: +2-4% over 64, benchmarks/NOTES.md Session 10)

@@ -161,10 +161,80 @@ KERNELS = {"unified_attention": unified_attention_kernel, "reduce_segments": red
            "write_kv_cache": write_kv_cache_kernel}
 
 
+# Float instructions of the PTX whose counts must agree between the two launchers' compiles.
+FLOAT_OPS = ("fma.rn.f32", "add.f32", "sub.f32", "mul.f32", "neg.f32", "ex2.approx", "lg2.approx", "max.f32", "max.NaN.f32",
+             "min.f32", "div", "rcp")
+
+
+def _float_ops(ptx: str):
+    import collections
+    import re
+
+    ops = collections.Counter(m.group(1) for m in re.finditer(r"^\s*(?:@!?%p\d+\s+)?([a-z][\w.]*)", ptx, re.M))
+    return {op: sum(n for name, n in ops.items() if name.startswith(op)) for op in FLOAT_OPS}
+
+
+def _compile_launch(launch, dtype: str, *, all_constants: bool):
+    """One described launch compiled as Triton's JIT specialises it for torch (run-time scalars,
+    ints equal to 1 constant, multiples of 16 marked divisible) or, ``all_constants``, as
+    jax-triton 0.3.1 does (every keyword a constexpr, every array 16-byte aligned)."""
+    keywords = dict(launch.keywords)
+    constexprs, attrs = {}, {}
+    for i, name in enumerate(launch.kernel.arg_names):
+        if name in keywords:
+            value = keywords[name]
+            if all_constants or name.isupper() or isinstance(value, bool) or value == 1:
+                constexprs[name] = value
+            elif isinstance(value, int) and value % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    src = ASTSource(fn=launch.kernel, signature=signature(launch.kernel, dtype, constexprs), constexprs=constexprs,
+                    attrs=attrs)
+    return triton.compile(src, target=TARGET, options={"num_warps": launch.num_warps,
+                                                       "num_stages": launch.num_stages})
+
+
+def launchers_compute_alike(case: int) -> int:
+    """torch and jax-triton compile the same launch with different constants (jax-triton binds
+    every scalar and stride as a constexpr): the float arithmetic of the two compiles must be
+    the same, or their outputs differ in the last bits (a contracted multiply-add in one, a
+    multiply and a subtract in the other). Same float instruction counts, except multiplies
+    of run-time scalars by constants, which fold in the constant compile (at most 2)."""
+    from sparse24.kernels.launch import unified_attention_launches
+
+    cases = [  # (dtype, n, m, sink, recent, q_lens, max_seqlen_k, softcap, window, splits)
+        ("bfloat16", 2, 4, 0, 64, 300, 300, 0.0, 0, None),
+        ("bfloat16", 2, 4, 0, 64, 1, 4500, 0.0, 0, 8),
+        ("float16", 4, 8, 4, 0, 1, 4500, 0.0, 0, 8),
+        ("float32", 2, 8, 4, 16, 64, 300, 30.0, 100, None),
+    ]
+    dtype, n, m, sink, recent, q_len, max_k, softcap, window, splits = cases[case]
+    num_seqs = 16 if q_len == 1 else 1
+    launches = unified_attention_launches(
+        q_shape=(q_len * num_seqs, 32, 128), dtype=dtype, cache_shape=(512, 16, 8, 128), num_seqs=num_seqs, n=n, m=m,
+        dense_sink_tokens=sink, dense_recent_tokens=recent, sparse_decode=True, causal=True, softmax_scale=128 ** -0.5,
+        window=window, softcap=softcap, max_seqlen_q=q_len, max_seqlen_k=max_k, store_lse=False, num_kv_splits=splits,
+        num_sms=132, block_table_strides=(32, 1))
+    for launch in launches:
+        label = f"{launch.kernel.__name__} {dtype} {n}:{m} q_len={q_len} softcap={softcap}"
+        torch_ops = _float_ops(_compile_launch(launch, dtype, all_constants=False).asm["ptx"])
+        jax_ops = _float_ops(_compile_launch(launch, dtype, all_constants=True).asm["ptx"])
+        differ = {op: (torch_ops[op], jax_ops[op]) for op in FLOAT_OPS
+                  if torch_ops[op] != jax_ops[op] and not (op == "mul.f32" and 0 <= torch_ops[op] - jax_ops[op] <= 2)}
+        if differ:
+            raise RuntimeError(f"{label}: torch and jax-triton compiles differ in float instructions (torch, jax): "
+                               f"{differ}")
+        print(f"ok same float arithmetic for torch and jax-triton: {label}", flush=True)
+    return 2 * len(launches)
+
+
 def jobs():
     """Every compile of the CI check: ("compile", kernel name, dtype, constexprs, label[, float
-    scalar type]), ("mask_layout", mask type, fill dtype) or ("selection",)."""
+    scalar type]), ("mask_layout", mask type, fill dtype), ("launchers", case) or ("selection",)."""
     yield ("selection",)
+    for case in range(4):
+        yield ("launchers", case)
     reduce_done = set()
     for dtype, plan_kwargs, flags in attention_specializations():
         plan = plan_unified_attention(num_tokens=4096, num_seqs=8, dtype=dtype, max_seqlen_k=4096, **plan_kwargs)
@@ -181,6 +251,13 @@ def jobs():
             yield ("compile", "reduce_segments", dtype,  # sparse24.hf's decode steps: the row fix-up
                    plan.reduce_constexprs(store_lse=flags["store_lse"], row_fixup=True),
                    f"reduce_segments {key} row fix-up")
+    # a ragged batch (decodes beside prefill chunks): 64 x 32 / 4 warps
+    for n, m in ((4, 4), (2, 4), (4, 8)):
+        plan = plan_unified_attention(num_tokens=4096 + 60, num_seqs=64, dtype="bfloat16", max_seqlen_k=4096, n=n, m=m,
+                                      head_dim=128, max_seqlen_q=2048, num_q_heads=32, num_kv_heads=8)
+        assert (plan.block_m, plan.tile_n) == (64, 32), plan
+        yield ("compile", "unified_attention", "bfloat16", plan.kernel_constexprs(**PLAIN_FLAGS),
+               f"unified_attention bfloat16 {n}:{m} ragged batch BLOCK_M=64 TILE_N=32")
     # torch.compile (Inductor) passes Python floats as fp64 scalars
     plan = plan_unified_attention(num_tokens=64, num_seqs=2, dtype="bfloat16", max_seqlen_k=300, n=2, m=4,
                                   head_dim=64, max_seqlen_q=37, num_q_heads=8, num_kv_heads=2)
@@ -211,6 +288,8 @@ def run_job(job) -> int:
         return selection_stays_in_registers()
     if job[0] == "mask_layout":
         return compile_mask_layout(*job[1:])
+    if job[0] == "launchers":
+        return launchers_compute_alike(job[1])
     _, name, dtype, constexprs, label, *float_scalar = job
     compile_one(KERNELS[name], dtype, constexprs, label, *float_scalar)
     return 1
@@ -224,7 +303,7 @@ def main() -> int:
     import os
 
     todo = list(jobs())
-    todo.sort(key=lambda job: job[0] != "selection" and "float32" not in job)  # the slowest first
+    todo.sort(key=lambda job: job[0] not in ("selection", "launchers") and "float32" not in job)  # the slowest first
     workers = max(1, min(len(todo), len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                          else os.cpu_count() or 1))
     if workers == 1:

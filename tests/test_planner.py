@@ -15,7 +15,7 @@ from sparse24.kernels import (
     unified_attention_kernel,
     write_kv_cache_kernel,
 )
-from sparse24.kernels.planner import MAX_KV_SPLITS, next_power_of_2
+from sparse24.kernels.planner import MAX_KV_SPLITS, next_power_of_2, tuning
 
 
 def plan(**overrides):
@@ -93,6 +93,36 @@ def test_prefill_tiles_measured_table():
     assert (sparse64.block_m, sparse64.tile_n, sparse64.num_warps) == (128, 128, 4)
     dense64 = plan(dtype="bfloat16", head_dim=64, n=4, m=4)
     assert (dense64.block_m, dense64.tile_n, dense64.num_warps) == (128, 128, 4)
+
+
+@pytest.mark.parametrize("config", [(2, 4), (4, 4), (4, 8)])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_ragged_batches_take_64_row_programs(config, head_dim):
+    """Decodes beside prefill chunks (bench_decode.py's mixed batch: 4 chunks of 512..2048 and
+    60 decodes) take 64-row programs at D=128; batches of equal or long lengths keep the large
+    tiles."""
+    n, m = config
+    chunks = [1054, 1559, 1826, 513]
+    mixed = plan(n=n, m=m, head_dim=head_dim, num_tokens=sum(chunks) + 60, num_seqs=64, max_seqlen_q=max(chunks),
+                 max_seqlen_k=4096)
+    if head_dim == 128:  # H200: dense 1.50 -> 1.16, 2:4 1.56 -> 1.14
+        assert (mixed.block_m, mixed.block_q, mixed.tile_n, mixed.num_warps) == (64, 16, 32, 4)
+    else:  # measured at D=128 only: D=64 keeps its 128-row plan
+        assert mixed.block_m == 128
+    large = plan(n=n, m=m, head_dim=head_dim).block_m  # one 512-token sequence
+    assert large > 64
+    for tokens, seqs, longest in ((8 * 4096, 8, 4096), (16000 + 7 * 100, 8, 16000), (4 * 2048 + 4, 8, 2048),
+                                  (8 * 126, 8, 126)):
+        assert plan(n=n, m=m, head_dim=head_dim, num_tokens=tokens, num_seqs=seqs, max_seqlen_q=longest,
+                    max_seqlen_k=longest).block_m == large, (tokens, seqs)
+    # equal lengths below 2 * (block_q - 1) queries: the 256-row tile is mostly padding there
+    assert plan(n=n, m=m, head_dim=head_dim, num_tokens=8 * 100, num_seqs=8, max_seqlen_q=100,
+                max_seqlen_k=100).block_m == (64 if large == 256 else large)
+    # a 256-head GQA group (one program holds it: block_m floor 256) is never cut
+    assert plan(n=n, m=m, head_dim=head_dim, num_q_heads=256, num_kv_heads=1, num_tokens=sum(chunks) + 60,
+                num_seqs=64, max_seqlen_q=max(chunks), max_seqlen_k=4096).block_m == 256
+    with tuning(block_m=256):  # an explicit tile wins
+        assert plan(n=n, m=m, num_tokens=sum(chunks) + 60, num_seqs=64, max_seqlen_q=max(chunks)).block_m == 256
 
 
 def test_short_prefill_shrinks_block_m():
