@@ -289,7 +289,8 @@ def test_direct_launches_pass_user_arrays_and_fixed_buffers_in_kernel_order(monk
 
 
 def test_direct_launches_call_the_c_launcher_on_the_current_stream(monkeypatch):
-    """On a CUDA device with Triton 3.6's launcher, ``DirectLaunches`` calls the compiled
+    """On a CUDA device with Triton 3.6's launcher, ``DirectLaunches`` (and every eager direct
+    launch after a kernel's first, ``_fast_launch``) calls the compiled
     kernel's C launcher itself: grid, the device's current stream, the kernel handle, its
     flags, no scratch, the packed metadata, no launch metadata or hooks, then the arguments
     the runner would get. A set launch hook (a profiler) or a kernel that needs scratch memory
@@ -329,6 +330,7 @@ def test_direct_launches_call_the_c_launcher_on_the_current_stream(monkeypatch):
                             outputs=(), keywords={"n": 7}, num_warps=4, num_stages=1)
     monkeypatch.setattr(TL, "INTERPRETED", False)
     monkeypatch.setattr(TL, "_COMPILED", {})
+    monkeypatch.setattr(TL, "_BARE", {})
     monkeypatch.setattr(TL, "_current_raw_stream", lambda index: 1000 + index)
     device = torch.device("cuda", 1)  # never touched: the fake kernel gets integers only
     q, bt = torch.zeros(8), torch.zeros(8, dtype=torch.int32)
@@ -338,8 +340,12 @@ def test_direct_launches_call_the_c_launcher_on_the_current_stream(monkeypatch):
     other = torch.zeros(8)
     calls.clear()
     assert direct(q, other, other, bt, other, other, other)
-    assert calls == [("bare", (2, 3, 1, 1001, 1234, False, True, None, None, (4, 1, 0), None, None, None,
-                               q.data_ptr(), bt.data_ptr(), 7))]
+    bare_call = ("bare", (2, 3, 1, 1001, 1234, False, True, None, None, (4, 1, 0), None, None, None,
+                          q.data_ptr(), bt.data_ptr(), 7))
+    assert calls == [bare_call]
+    calls.clear()  # an eager direct launch after the first (the compile) takes the C launcher too
+    TL._run_one(launch, [q, bt], {}, direct=True, device=device)
+    assert calls == [bare_call]
     hook = object()
     from triton import knobs
 
@@ -347,10 +353,17 @@ def test_direct_launches_call_the_c_launcher_on_the_current_stream(monkeypatch):
     calls.clear()
     assert direct(q, other, other, bt, other, other, other)
     assert calls == [("runner", (2, 3, 1), (q.data_ptr(), bt.data_ptr(), 7))]
+    calls.clear()
+    TL._run_one(launch, [q, bt], {}, direct=True, device=device)
+    assert calls == [("runner", (2, 3, 1), (q.data_ptr(), bt.data_ptr(), 7))]
     monkeypatch.setattr(knobs.runtime.launch_enter_hook, "calls", [])
     monkeypatch.setattr(Launcher, "global_scratch_size", 256)
     monkeypatch.setattr(TL, "_COMPILED", {})
+    monkeypatch.setattr(TL, "_BARE", {})
     TL._run_one(launch, [q, bt], {}, direct=True, device=device)
     direct = TL.DirectLaunches.build([launch], {}, device, dtypes)
     calls.clear()
     assert direct(q, other, other, bt, other, other, other) and calls[0][0] == "runner"
+    calls.clear()
+    TL._run_one(launch, [q, bt], {}, direct=True, device=device)
+    assert [c[0] for c in calls] == ["runner"]

@@ -82,6 +82,8 @@ _COMPILED: dict = {}  # id(launch) -> (launch, trailing arguments, {array key: C
 # strides and lengths, the same constexprs and the same int properties) reuses the compiled
 # kernel instead of binding all ~55 arguments in ``JITFunction.run`` again.
 _BY_SPECIALIZATION: dict = {}  # (specialisation, array key) -> CompiledKernel
+# (id(CompiledKernel), 3-D grid) -> (the compiled kernel, its bare launch or None; see _bare_launch)
+_BARE: dict = {}
 
 try:  # Triton's own specialisation of one argument (what JITFunction's binder calls)
     from triton._C.libtriton import native_specialize_impl as _native_specialize
@@ -135,7 +137,18 @@ def _fast_launch(launch: KernelLaunch, arrays: tuple, device: torch.device) -> N
                 _BY_SPECIALIZATION.clear()
             _BY_SPECIALIZATION[(entry[4], key)] = compiled
     else:  # pointers as integers: Triton's launcher then skips a data_ptr() call and a driver query per array
-        compiled[entry[3]](*pointers, *entry[1])
+        bare = _BARE.get((id(compiled), entry[3]))
+        if bare is None:
+            if len(_BARE) > 1024:
+                _BARE.clear()
+            bare = _BARE[(id(compiled), entry[3])] = (
+                compiled, _bare_launch(compiled, entry[3]) if device.type == "cuda" else None)
+        if bare[1] is not None and _no_launch_hooks():
+            launcher, grid, head = bare[1]
+            launcher(*grid, _current_raw_stream(device.index if device.index is not None else 0), *head, *pointers,
+                     *entry[1])
+        else:
+            compiled[entry[3]](*pointers, *entry[1])
 
 
 _USER_ARRAYS = ("q", "k_cache", "v_cache", "block_table", "cu_seqlens_q", "seq_lens", "out")
@@ -148,7 +161,8 @@ _USER_ARRAYS = ("q", "k_cache", "v_cache", "block_table", "cu_seqlens_q", "seq_l
 # grid x, y, z, stream, function, cooperative, PDL, global scratch, profile scratch, packed
 # metadata, launch metadata, enter hook, exit hook, the kernel's arguments), for kernels
 # that need no scratch memory, and while no launch hook is set (a profiler such as proton
-# sets them: then the runner runs). Anything else: the runner (``DirectLaunches`` falls back).
+# sets them: then the runner runs). Anything else: the runner. Used by ``DirectLaunches`` and by
+# every eager direct launch of a kernel already compiled (``_fast_launch``).
 try:
     from triton import knobs as _knobs
     from triton.backends.nvidia import driver as _nvidia_driver
