@@ -1,6 +1,6 @@
 """HF dynamic-cache decode, interleaved, and the split-KV choice for eager decode (one GPU run).
 
-Two parts, one process, one card:
+Three parts, one process, one card:
 
 ``kernel``  the bare decode kernel (``torch_ops.unified_attention`` with the maxima given) at
             B=8, H 32/8, D=64, bf16 (the Llama-3.2-1B shape), kv_len 512 .. 8192, with the
@@ -8,6 +8,9 @@ Two parts, one process, one card:
               device  µs per call from a CUDA graph of 20 calls (replayed, events around it);
               eager   µs per call of 200 back-to-back eager calls between two syncs (what a
                       host-bound caller gets: the larger of host and device time).
+``paired``  decode steps of the variants side by side (``--paired`` steps each, one model, a
+            dynamic cache per variant): each step timed alone, the per-step ratio to the
+            neighbouring sdpa step (see ``paired_part``).
 ``hf``      ``generate`` on a random-weight Llama-3.2-1B-shaped model (bf16, B=8, prompt
             ``--prompt``, ``--new`` new tokens, the default dynamic cache), the variants taken
             in turn, ``--rounds`` times (sdpa, sparse24 dense, 2:4, ...: round-robin, so a
@@ -167,6 +170,78 @@ def hf_part(args, records: list) -> None:
     sparse24.hf.decode_kv_splits(None)
 
 
+def paired_part(args, records: list) -> None:
+    """Decode steps of the variants side by side: one model, one dynamic cache per variant
+    (the same prompt prefilled by each), then ``--paired`` steps in which every variant takes
+    one decode step in turn (the order rotates every step), each timed alone: the mask
+    update generate makes, the model forward, the next token's argmax, a sync. Neighbouring
+    steps are ~15 ms apart, so a host whose speed drifts by 2x within a minute moves them
+    alike: the per-step ratio to sdpa is the comparison (median over steps, with a bootstrap
+    95% interval of that median)."""
+    import random
+
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    import sparse24.hf
+    from sparse24 import SparsityConfig
+
+    cfg = LlamaConfig(**LLAMA_1B, bos_token_id=1, eos_token_id=None, pad_token_id=0)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa", dtype=torch.bfloat16)
+    model.eval()
+    ids = torch.randint(1, cfg.vocab_size, (args.batch, args.prompt), generator=torch.Generator().manual_seed(1)).cuda()
+    configs = {"sparse24-dense": SparsityConfig.dense(), "sparse24-2:4": SparsityConfig()}
+    variants = [v for v in args.variants.split(",") if v == "sdpa" or v in configs]
+    sparse24.hf.decode_kv_splits(None)
+
+    def use(variant: str) -> None:
+        model.set_attn_implementation("sdpa" if variant == "sdpa" else "sparse24")
+        if variant != "sdpa":
+            sparse24.hf.sparsify(model, configs[variant])
+
+    state = {}
+    with torch.no_grad():
+        for v in variants:
+            use(v)
+            mask = torch.ones_like(ids)
+            out = model(input_ids=ids, attention_mask=mask, use_cache=True)
+            state[v] = [out.past_key_values, mask, out.logits[:, -1:].argmax(-1)]
+
+        def step(v):
+            cache, mask, nxt = state[v]
+            mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)  # what generate does per token
+            out = model(input_ids=nxt, attention_mask=mask, past_key_values=cache, use_cache=True)
+            state[v] = [cache, mask, out.logits[:, -1:].argmax(-1)]
+
+        for _ in range(8):  # warm-up: every kernel and plan of these lengths compiled
+            for v in variants:
+                use(v)
+                step(v)
+        times = {v: [] for v in variants}
+        for i in range(args.paired):
+            order = variants[i % len(variants):] + variants[: i % len(variants)]
+            for v in order:
+                use(v)
+                torch.cuda.synchronize()
+                t = time.perf_counter()
+                step(v)
+                state[v][2].view(-1)[0].item()  # the token on the host, as generate's stop check needs it
+                times[v].append((time.perf_counter() - t) * 1e3)
+    rng = random.Random(0)
+    for v in variants:
+        ratios = [a / b for a, b in zip(times[v], times["sdpa"])] if "sdpa" in times else []
+        rec = dict(part="paired", variant=v, steps=args.paired, prompt=args.prompt,
+                   step_ms_median=round(statistics.median(times[v]), 4), step_ms_min=round(min(times[v]), 4))
+        if ratios and v != "sdpa":
+            boot = sorted(statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(2000))
+            rec.update(ratio_to_sdpa_median=round(statistics.median(ratios), 4),
+                       ratio_to_sdpa_ci95=[round(boot[50], 4), round(boot[1949], 4)],
+                       steps_faster_than_sdpa=sum(r < 1 for r in ratios))
+        records.append(rec)
+        print(json.dumps(rec), flush=True)
+
+
 def table(result: dict) -> str:
     env = result["env"]
     lines = [f"{env['card']}, {env['date']}, sparse24 {env['version']}, torch {env['torch']}, "
@@ -196,6 +271,20 @@ def table(result: dict) -> str:
             ratio = f"{statistics.median(ratios):.3f}" if ratios else "-"
             lines.append(f"| {variant} | {statistics.median(runs):.2f} | {min(runs):.2f} | {ratio} | "
                          f"{', '.join(f'{x:.2f}' for x in runs)} |")
+    paired = [r for r in result["records"] if r["part"] == "paired"]
+    if paired:
+        m = result["model"]
+        lines += ["", f"Paired decode steps (one model, a dynamic cache per variant, B={m['batch']}, prompt {m['prompt']}; "
+                  f"every variant takes one step in turn, {paired[0]['steps']} steps each, each step timed alone with "
+                  "its sync); / sdpa: the median over steps of the step's ratio to its neighbouring sdpa step, "
+                  "with a bootstrap 95% interval", "",
+                  "| variant | median ms/step | best | / sdpa | 95% interval | steps faster than sdpa |",
+                  "|---|---|---|---|---|---|"]
+        for r in paired:
+            ci = r.get("ratio_to_sdpa_ci95")
+            lines.append(f"| {r['variant']} | {r['step_ms_median']:.2f} | {r['step_ms_min']:.2f} | "
+                         f"{r.get('ratio_to_sdpa_median', 1.0):.3f} | {f'{ci[0]:.3f}-{ci[1]:.3f}' if ci else '-'} | "
+                         f"{r.get('steps_faster_than_sdpa', '-')} |")
     return "\n".join(lines) + "\n"
 
 
@@ -212,7 +301,8 @@ def main() -> None:
     p.add_argument("--variants", default="sdpa,sparse24-dense,sparse24-dense-unsplit,sparse24-2:4,"
                                          "sparse24-2:4-unsplit")
     p.add_argument("--kv-lens", default="512,1024,2048,4096,8192")
-    p.add_argument("--parts", default="kernel,hf")
+    p.add_argument("--parts", default="kernel,hf", help="kernel, hf, paired")
+    p.add_argument("--paired", type=int, default=200, help="paired: decode steps per variant")
     p.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results"))
     args = p.parse_args()
 
@@ -230,6 +320,8 @@ def main() -> None:
         kernel_part([int(x) for x in args.kv_lens.split(",")], records)
     if "hf" in parts:
         hf_part(args, records)
+    if "paired" in parts:
+        paired_part(args, records)
     result = dict(env=env, model=dict(llama=LLAMA_1B, batch=args.batch, prompt=args.prompt, new=args.new,
                                       rounds=args.rounds, vary_prompt=args.vary_prompt, cache="dynamic (transformers' default)"),
                   method=__doc__, records=records)

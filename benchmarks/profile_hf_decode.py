@@ -128,6 +128,13 @@ def _insitu(model, ids, impl: str, args) -> None:
     saved = [(d, k, d[k]) for d, k in patched]
     for i, (d, k) in enumerate(patched):
         d[k] = timed(("model forward", "attention fn", "mask fn")[i] if i < 3 else k, d[k])
+    if name == "sparse24":  # methods, patched on their classes
+        classes = [(api.UnifiedAttentionPlan, "direct"), (api.UnifiedAttentionPlan, "__call__")]
+        saved_methods = [(c, k, c.__dict__[k]) for c, k in classes]
+        for c, k in classes:
+            setattr(c, k, timed(f"{c.__name__}.{k}", c.__dict__[k]))
+    else:
+        saved_methods = []
 
     def gen(new):
         with torch.no_grad():
@@ -159,6 +166,8 @@ def _insitu(model, ids, impl: str, args) -> None:
     finally:
         for d, k, v in saved:
             d[k] = v
+        for c, k, v in saved_methods:
+            setattr(c, k, v)
         del model.forward
 
 
