@@ -177,6 +177,22 @@ def test_kernel_largest_gqa_group(kernel_backend, dtype):
                head_dim=256, config="2:8,recent=0", dtype=dtype)
 
 
+@pytest.mark.parametrize("config", ["2:4,recent=0", "4:8,sink=4,recent=0", "dense"])
+def test_ragged_batch_plan_matches_reference(kernel_backend, config):
+    """Decodes beside a prefill chunk (a ragged batch) at D=128 in bf16: the planner's 64 x 32
+    programs (instead of 256-row ones) keep exactly the reference's keys and match its output."""
+    from sparse24.kernels import plan_unified_attention as plan
+
+    q_lens, kv_lens = (70, 1, 1, 1, 1, 1), (90, 40, 33, 17, 64, 1)
+    cfg = SparsityConfig.parse(config)
+    p = plan(num_tokens=sum(q_lens), num_seqs=len(q_lens), num_q_heads=8, num_kv_heads=2, head_dim=128,
+             dtype="bfloat16", n=cfg.n, m=cfg.m, max_seqlen_q=max(q_lens), max_seqlen_k=max(kv_lens))
+    assert (p.block_m, p.tile_n, p.num_warps) == (64, 32, 4)
+    backend, device = kernel_backend
+    check_case(backend, device, q_lens=q_lens, kv_lens=kv_lens, num_q_heads=8, num_kv_heads=2, head_dim=128,
+               config=config, dtype=torch.bfloat16)
+
+
 def test_kernel_fp16(kernel_backend):
     backend, device = kernel_backend
     check_case(backend, device, **BASE, dtype=torch.float16, decisions=False)
