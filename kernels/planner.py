@@ -221,10 +221,12 @@ def plan_unified_attention(
     # launched with their own plans: dense 1.50 -> 1.16, 2:4 1.56 -> 1.14 (a lone prefill at
     # these tiles is ~17% slower; benchmarks/NOTES.md, Session 11). A batch of equal lengths
     # (an HF prefill) meets the rule only below 126 queries per sequence, where the large
-    # tile is mostly padding anyway. Measured at D=128 only (the 256-row plans).
-    ragged = block_m == 256 and 2 * num_seqs * (block_m // qpk - 1) > num_tokens
+    # tile is mostly padding anyway. Measured at D=128 only (the 256-row plans), for GQA
+    # groups that fit a 64-row program.
+    ragged = (block_m == 256 and next_power_of_2(qpk) <= RAGGED_BLOCK_M
+              and 2 * num_seqs * (block_m // qpk - 1) > num_tokens)
     if ragged:
-        block_m = max(RAGGED_BLOCK_M, next_power_of_2(qpk))
+        block_m = RAGGED_BLOCK_M
     block_q = block_m // qpk
     # A program holds a whole GQA group (each K/V byte is read once), so H_q/H_kv sets a floor
     # on block_m. Its fp32 output accumulator [block_m, head_dim_pad] takes 64 registers per
@@ -248,7 +250,7 @@ def plan_unified_attention(
     small_elements = not is_fp32 and head_dim_pad <= 128
     if is_fp32 and block_m * head_dim_pad >= MAX_TILE_ELEMENTS:
         tile_n = 32
-    elif ragged and block_m == RAGGED_BLOCK_M:
+    elif ragged:
         tile_n = 32
     elif block_m >= 256:
         # M=8 prefill at 256 rows: 32 keys (H200: +2-4% over 64, benchmarks/NOTES.md Session 10)

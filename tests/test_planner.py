@@ -118,9 +118,11 @@ def test_ragged_batches_take_64_row_programs(config, head_dim):
     # equal lengths below 2 * (block_q - 1) queries: the 256-row tile is mostly padding there
     assert plan(n=n, m=m, head_dim=head_dim, num_tokens=8 * 100, num_seqs=8, max_seqlen_q=100,
                 max_seqlen_k=100).block_m == (64 if large == 256 else large)
-    # a 256-head GQA group (one program holds it: block_m floor 256) is never cut
-    assert plan(n=n, m=m, head_dim=head_dim, num_q_heads=256, num_kv_heads=1, num_tokens=sum(chunks) + 60,
-                num_seqs=64, max_seqlen_q=max(chunks), max_seqlen_k=4096).block_m == 256
+    # GQA groups larger than 64 rows keep their plans (one program holds the whole group)
+    for qpk in (128, 256):
+        kept = plan(n=n, m=m, head_dim=head_dim, num_q_heads=qpk, num_kv_heads=1, num_tokens=sum(chunks) + 60,
+                    num_seqs=64, max_seqlen_q=max(chunks), max_seqlen_k=4096)
+        assert kept.block_m == plan(n=n, m=m, head_dim=head_dim, num_q_heads=qpk, num_kv_heads=1).block_m >= qpk
     with tuning(block_m=256):  # an explicit tile wins
         assert plan(n=n, m=m, num_tokens=sum(chunks) + 60, num_seqs=64, max_seqlen_q=max(chunks)).block_m == 256
 
