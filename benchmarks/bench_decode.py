@@ -182,18 +182,25 @@ def decode_records(name: str, env: dict, rep: int) -> list[dict]:
     return records
 
 
-def mixed_records(env: dict, rep: int) -> list[dict]:
-    """4 prefill chunks + 60 decodes in one launch vs the two parts launched separately."""
+def mixed_batch():
+    """The mixed batch: 4 prefill chunks (512..2048 tokens over contexts up to 4k) + 60 decodes
+    at 4k. Returns (chunks, chunk contexts, the whole batch's (q, k_cache, v_cache,
+    block_table, cu_seqlens_q, seq_lens), the prefill part's, the decode part's)."""
     g = torch.Generator().manual_seed(1)
     chunks = [int(x) for x in torch.randint(512, 2049, (4,), generator=g)]
     chunk_ctx = [c + int(x) for c, x in zip(chunks, torch.randint(0, 2049, (4,), generator=g))]
-    q_lens = chunks + [1] * 60
-    kv_lens = chunk_ctx + [4096] * 60
-    q, k_cache, v_cache, bt, cu, kv = paged_batch(q_lens, kv_lens, seed=2)
-    out = torch.empty_like(q)
+    q, k_cache, v_cache, bt, cu, kv = batch = paged_batch(chunks + [1] * 60, chunk_ctx + [4096] * 60, seed=2)
     split = sum(chunks)
     pre = (q[:split], k_cache, v_cache, bt[:4], cu[:5], kv[:4])
     dec = (q[split:], k_cache, v_cache, bt[4:], cu[4:] - split, kv[4:])
+    return chunks, chunk_ctx, batch, pre, dec
+
+
+def mixed_records(env: dict, rep: int) -> list[dict]:
+    """4 prefill chunks + 60 decodes in one launch vs the two parts launched separately."""
+    chunks, chunk_ctx, (q, k_cache, v_cache, bt, cu, kv), pre, dec = mixed_batch()
+    q_lens = chunks + [1] * 60
+    out = torch.empty_like(q)
     records = []
     for prov, cfg in (("sparse24-dense", SparsityConfig.dense()), ("sparse24-2:4", SparsityConfig())):
         both = lambda: unified_attention(q, k_cache, v_cache, bt, cu, kv, config=cfg, out=out,  # noqa: E731

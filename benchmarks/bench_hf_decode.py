@@ -107,17 +107,24 @@ def kernel_part(kv_lens, records: list) -> None:
             records[-1]["max_abs_diff_split_vs_unsplit"] = err
 
 
-def hf_part(args, records: list) -> None:
-    from transformers import AutoModelForCausalLM, LlamaConfig, LogitsProcessorList
-
-    import sparse24.hf
-    from sparse24 import SparsityConfig
+def random_llama():
+    """(config, model): the random-weight Llama-3.2-1B-shaped model on the GPU, bf16, sdpa."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
 
     cfg = LlamaConfig(**LLAMA_1B, bos_token_id=1, eos_token_id=None, pad_token_id=0)
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa", dtype=torch.bfloat16)
-    model.eval()
+    return cfg, model.eval()
+
+
+def hf_part(args, records: list) -> None:
+    from transformers import LogitsProcessorList
+
+    import sparse24.hf
+    from sparse24 import SparsityConfig
+
+    cfg, model = random_llama()
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
     gen = torch.Generator(device="cpu").manual_seed(1)
@@ -183,16 +190,10 @@ def paired_part(args, records: list) -> None:
     per-length plans cached."""
     import random
 
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
     import sparse24.hf
     from sparse24 import SparsityConfig
 
-    cfg = LlamaConfig(**LLAMA_1B, bos_token_id=1, eos_token_id=None, pad_token_id=0)
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa", dtype=torch.bfloat16)
-    model.eval()
+    cfg, model = random_llama()
     ids = torch.randint(1, cfg.vocab_size, (args.batch, args.prompt), generator=torch.Generator().manual_seed(1)).cuda()
     configs = {"sparse24-dense": SparsityConfig.dense(), "sparse24-2:4": SparsityConfig()}
     variants = [v for v in args.variants.split(",") if v == "sdpa" or v in configs]

@@ -33,14 +33,8 @@ def main() -> None:
     p.add_argument("--variants", default="256x64x16x2", help="comma-separated block_m x tile_n x warps x stages")
     p.add_argument("--out", default=None)
     args = p.parse_args()
-    g = torch.Generator().manual_seed(1)
-    chunks = [int(x) for x in torch.randint(512, 2049, (4,), generator=g)]
-    chunk_ctx = [c + int(x) for c, x in zip(chunks, torch.randint(0, 2049, (4,), generator=g))]
-    q_lens, kv_lens = chunks + [1] * 60, chunk_ctx + [4096] * 60
-    q, kc, vc, bt, cu, kv = bd.paged_batch(q_lens, kv_lens, seed=2)
-    split = sum(chunks)
-    pre = (q[:split], kc, vc, bt[:4], cu[:5], kv[:4])
-    dec = (q[split:], kc, vc, bt[4:], cu[4:] - split, kv[4:])
+    chunks, chunk_ctx, (q, kc, vc, bt, cu, kv), pre, dec = bd.mixed_batch()
+    num_seqs = len(chunks) + 60
     out = torch.empty_like(q)
     variants = [None] + [tuple(int(x) for x in v.split("x")) for v in args.variants.split(",") if v]
     records = []
@@ -52,7 +46,7 @@ def main() -> None:
         sep = torch.cat([only_pre(), only_dec()])
         ms_pre, ms_dec = bd.graph_ms(only_pre, 50), bd.graph_ms(only_dec, 50)
         default = planner.plan_unified_attention(
-            num_tokens=q.shape[0], num_seqs=len(q_lens), num_q_heads=bd.HQ, num_kv_heads=bd.HKV, head_dim=bd.D,
+            num_tokens=q.shape[0], num_seqs=num_seqs, num_q_heads=bd.HQ, num_kv_heads=bd.HKV, head_dim=bd.D,
             dtype="bfloat16", n=cfg.n, m=cfg.m, max_seqlen_q=max(chunks), max_seqlen_k=4096, num_sms=132)
         print(f"{name}: default plan {default.block_m} x {default.tile_n} / {default.num_warps} warps", flush=True)
         for rnd in range(2):

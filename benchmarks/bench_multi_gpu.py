@@ -169,11 +169,7 @@ def model_part(args, sizes, devices, backend, configs, records, failures, jax, j
                           num_kv_heads=4, head_dim=16)
         dtype, batch, prompt, new = jnp.float32, 2, 12, 5
     else:
-        shape = common.LLAMA_1B
-        cfg = LlamaConfig(vocab_size=shape["vocab_size"], hidden_size=shape["hidden_size"],
-                          intermediate_size=shape["intermediate_size"], num_layers=shape["num_hidden_layers"],
-                          num_q_heads=shape["num_attention_heads"], num_kv_heads=shape["num_key_value_heads"],
-                          head_dim=shape["head_dim"], rope_theta=shape.get("rope_theta", 10000.0))
+        cfg = LlamaConfig.from_hf_config(common.LLAMA_1B)
         dtype, batch, prompt, new = jnp.bfloat16, args.batch, args.prompt, args.new
     rng = np.random.default_rng(0)
     prompts = [rng.integers(1, cfg.vocab_size, prompt).tolist() for _ in range(batch)]

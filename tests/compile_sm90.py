@@ -175,20 +175,16 @@ def _float_ops(ptx: str):
 
 
 def _compile_launch(launch, dtype: str, *, all_constants: bool):
-    """One described launch compiled as Triton's JIT specialises it for torch (run-time scalars,
-    ints equal to 1 constant, multiples of 16 marked divisible) or, ``all_constants``, as
+    """One described launch compiled as Triton's JIT specialises it for torch
+    (:func:`launch_specialization`: run-time scalars and strides) or, ``all_constants``, as
     jax-triton 0.3.1 does (every keyword a constexpr, every array 16-byte aligned)."""
     keywords = dict(launch.keywords)
-    constexprs, attrs = {}, {}
-    for i, name in enumerate(launch.kernel.arg_names):
-        if name in keywords:
-            value = keywords[name]
-            if all_constants or name.isupper() or isinstance(value, bool) or value == 1:
-                constexprs[name] = value
-            elif isinstance(value, int) and value % 16 == 0:
-                attrs[(i,)] = [["tt.divisibility", 16]]
-        else:
-            attrs[(i,)] = [["tt.divisibility", 16]]
+    if all_constants:
+        constexprs = keywords
+        attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(launch.kernel.arg_names)
+                 if name not in keywords}
+    else:
+        constexprs, attrs = launch_specialization(launch.kernel, {k: v for k, v in keywords.items() if k.isupper()})
     src = ASTSource(fn=launch.kernel, signature=signature(launch.kernel, dtype, constexprs), constexprs=constexprs,
                     attrs=attrs)
     return triton.compile(src, target=TARGET, options={"num_warps": launch.num_warps,
