@@ -177,6 +177,59 @@ def hf_part(args, records: list) -> None:
     sparse24.hf.decode_kv_splits(None)
 
 
+class _StepParts:
+    """``--attribute``: one decode step's host time by part, from perf_counter wrappers around
+    transformers' attention functions (sdpa's and sparse24's: the first layer apart from the
+    others), its mask functions and ``create_causal_mask`` (the mask of the forward), plus
+    the time to queue the step (until the token's read) and the wait for the device. The
+    wrappers cost the same ~1 µs per call for every variant."""
+
+    def __init__(self):
+        import transformers.models.llama.modeling_llama as llama
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        self.calls: list = []
+        slots = [(m, name, label) for m, label in ((ALL_ATTENTION_FUNCTIONS._global_mapping, "attention"),
+                                                   (ALL_MASK_ATTENTION_FUNCTIONS._global_mapping, "mask fn"))
+                 for name in ("sdpa", "sparse24")] + [(vars(llama), "create_causal_mask", "create_causal_mask")]
+        self.originals = [(m, name, m[name]) for m, name, _ in slots]
+        self.wrapped = [(m, name, self._timed(label, m[name])) for m, name, label in slots]
+        self.patch()
+
+    def patch(self) -> None:
+        for mapping, name, fn in self.wrapped:
+            mapping[name] = fn
+
+    def restore(self) -> None:
+        """The functions themselves (sparsify checks that the layers reach sparse24's)."""
+        for mapping, name, fn in self.originals:
+            mapping[name] = fn
+
+    def _timed(self, label, fn):
+        calls = self.calls
+
+        def wrapper(*a, **k):
+            t = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                calls.append((label, time.perf_counter() - t))
+        return wrapper
+
+    def start(self) -> None:
+        self.calls.clear()
+
+    def stop(self, queued_s: float) -> dict:
+        attention = [s for label, s in self.calls if label == "attention"]
+        mask = sum(s for label, s in self.calls if label == "create_causal_mask")
+        out = {"queue step": queued_s, "attention, layer 0": attention[0] if attention else 0.0,
+               "attention, other layers (mean)": sum(attention[1:]) / max(len(attention) - 1, 1),
+               "attention, all layers": sum(attention), "create_causal_mask": mask,
+               "rest of the step (queue - attention - mask)": queued_s - sum(attention) - mask}
+        return {k: v * 1e6 for k, v in out.items()}
+
+
 def paired_part(args, records: list) -> None:
     """Decode steps of the variants side by side: one model, one dynamic cache per variant
     (the same prompt prefilled by each), then ``--paired`` steps in which every variant takes
@@ -198,11 +251,16 @@ def paired_part(args, records: list) -> None:
     configs = {"sparse24-dense": SparsityConfig.dense(), "sparse24-2:4": SparsityConfig()}
     variants = [v for v in args.variants.split(",") if v == "sdpa" or v in configs]
     sparse24.hf.decode_kv_splits(None)
+    parts = _StepParts() if args.attribute else None
 
     def use(variant: str) -> None:
         model.set_attn_implementation("sdpa" if variant == "sdpa" else "sparse24")
         if variant != "sdpa":
+            if parts is not None:
+                parts.restore()
             sparse24.hf.sparsify(model, configs[variant])
+            if parts is not None:
+                parts.patch()
 
     rng = random.Random(0)
     passes = ("new lengths", "lengths seen before") if args.paired_twice else ("new lengths",)
@@ -226,15 +284,21 @@ def paired_part(args, records: list) -> None:
                     use(v)
                     step(v)
             times = {v: [] for v in variants}
+            split = {v: [] for v in variants}  # --attribute: each step's host time by part
             for i in range(args.paired):
                 order = variants[i % len(variants):] + variants[: i % len(variants)]
                 for v in order:
                     use(v)
                     torch.cuda.synchronize()
+                    if parts is not None:
+                        parts.start()
                     t = time.perf_counter()
                     step(v)
+                    queued = time.perf_counter()
                     state[v][2].view(-1)[0].item()  # the token on the host, as generate's stop check needs it
                     times[v].append((time.perf_counter() - t) * 1e3)
+                    if parts is not None:
+                        split[v].append(parts.stop(queued - t))
         for v in variants:
             ratios = [a / b for a, b in zip(times[v], times["sdpa"])] if "sdpa" in times else []
             rec = dict(part="paired", variant=v, steps=args.paired, prompt=args.prompt, key_lengths=pass_name,
@@ -244,6 +308,8 @@ def paired_part(args, records: list) -> None:
                 rec.update(ratio_to_sdpa_median=round(statistics.median(ratios), 4),
                            ratio_to_sdpa_ci95=[round(boot[50], 4), round(boot[1949], 4)],
                            steps_faster_than_sdpa=sum(r < 1 for r in ratios))
+            if split[v]:  # medians over steps, µs
+                rec["host_us_median"] = {k: round(statistics.median(s[k] for s in split[v]), 1) for k in split[v][0]}
             records.append(rec)
             print(json.dumps(rec), flush=True)
 
@@ -291,6 +357,14 @@ def table(result: dict) -> str:
             lines.append(f"| {r.get('key_lengths', 'new lengths')} | {r['variant']} | {r['step_ms_median']:.2f} | {r['step_ms_min']:.2f} | "
                          f"{r.get('ratio_to_sdpa_median', 1.0):.3f} | {f'{ci[0]:.3f}-{ci[1]:.3f}' if ci else '-'} | "
                          f"{r.get('steps_faster_than_sdpa', '-')} |")
+        split = [r for r in paired if r.get("host_us_median")]
+        if split:  # --attribute
+            names = list(split[0]["host_us_median"])
+            lines += ["", "Host time of one decode step by part (µs, median over steps; --attribute)", "",
+                      "| key lengths | variant | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+            for r in split:
+                lines.append(f"| {r.get('key_lengths', 'new lengths')} | {r['variant']} | "
+                             + " | ".join(f"{r['host_us_median'][k]:.0f}" for k in names) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -312,6 +386,8 @@ def main() -> None:
     p.add_argument("--paired-twice", action="store_true",
                    help="paired: a second pass through the same key lengths (sdpa's cuDNN path keeps a plan per "
                         "key length: the first pass meets new lengths, the second cached ones)")
+    p.add_argument("--attribute", action="store_true",
+                   help="paired: each step's host time by part (attention per layer, masks, the rest; see _StepParts)")
     p.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results"))
     args = p.parse_args()
 
