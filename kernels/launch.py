@@ -345,19 +345,22 @@ def decode_mask_layout_launches(
     kv_len: int,
     pages_per_row: int,
     out_dtype: str,
+    width: int | None = None,
 ) -> tuple[KernelLaunch, ...]:
     """The decode layout of a slot mask (``decode_mask_layout_kernel``): input ``mask``
-    [batch, L]; outputs ``block_table`` int32 [batch, max(kv_len, 1)], ``seq_lens`` int32
-    [batch], ``keep`` bool [batch], ``fill`` [batch] in ``out_dtype``.
+    [batch, L]; outputs ``block_table`` int32 [batch, width], ``seq_lens`` int32 [batch],
+    ``keep`` bool [batch], ``fill`` [batch] in ``out_dtype``.
 
     Args:
       mask_shape, mask_strides: the slot mask's; signed_mask: False for a bool mask (every
         slot < L written), True for a signed one (< 0: not written).
       kv_len: the cache's slot count; pages_per_row: pages of the one-slot paged view per row.
       out_dtype: the attention output's dtype name (``fill`` is in it).
+      width: the block table's width, >= max(kv_len, 1) (None: that); columns past a row's
+        keys hold valid pages too (the last slot's).
     """
     batch, mask_len = (int(d) for d in mask_shape)
-    width = max(int(kv_len), 1)
+    width = max(int(kv_len), 1) if width is None else int(width)
     plan = planner.plan_decode_mask_layout(batch=batch, mask_len=mask_len, width=width)
     launch = _launch(
         decode_mask_layout_kernel,

@@ -290,15 +290,18 @@ def _kernels_build_layouts(backend: str, device: torch.device) -> bool:
 
 def _fused_decode_step(mask: torch.Tensor, batch: int, kv_len: int, pages_per_row: int, dtype: torch.dtype) -> _Step:
     """:func:`_decode_step` of :func:`sparse24.layouts.padding_mask_layout_torch` in one kernel
-    launch (``torch_ops.decode_mask_layout``): the same block table, lengths and fix-up."""
+    launch (``torch_ops.decode_mask_layout``): the same block table (padded to a multiple of
+    16 columns, each a valid page: the row stride keeps Triton's specialisation as the cache
+    grows, so the next step's launches rebind, ``_rebound_step``), lengths and fix-up."""
     from sparse24.torch_ops import decode_mask_layout
 
+    width = -(-max(kv_len, 1) // 16) * 16
     block_table, seq_lens, keep, fill = decode_mask_layout(mask, kv_len=kv_len, pages_per_row=pages_per_row,
-                                                           out_dtype=dtype)
+                                                           out_dtype=dtype, width=width)
     cu = _ARANGES.get((batch, mask.device))
     if cu is None:
         cu = _ARANGES[(batch, mask.device)] = torch.arange(batch + 1, dtype=torch.int32, device=mask.device)
-    layout = _layouts.MaskLayout(block_table, cu, seq_lens, None, None, None, None, 1, block_table.shape[1])
+    layout = _layouts.MaskLayout(block_table, cu, seq_lens, None, None, None, None, 1, max(kv_len, 1))
     return _Step(layout, keep.view(batch, 1, 1, 1), fill.view(batch, 1, 1, 1))
 
 
@@ -401,6 +404,57 @@ class _DirectCalls:
 
 
 _DIRECT = _DirectCalls()
+# Eager decode steps of a growing cache (transformers' DynamicCache concatenates: each step's
+# key/value tensors are new, one slot longer, with new strides): the last plan and direct
+# launches of a call form without its key length, by _template_key; a step whose form has no
+# _DIRECT entry yet rebinds them (_rebound_step) instead of checking, planning and building.
+_STEP_TEMPLATES = _DirectCalls()
+
+
+def _template_key(direct_key: tuple) -> tuple:
+    """A ``direct_key`` without what changes from one decode step of a growing cache to the
+    next: the key/value shapes' key length, their strides and the mask object."""
+    (q_shape, q_stride, k_shape, _, v_shape, _), rest = direct_key[:6], direct_key[6:-1]
+    return (q_shape, q_stride, k_shape[:2] + k_shape[3:], v_shape[:2] + v_shape[3:], *rest)
+
+
+def _rebound_step(direct_key, query, key, value, attention_mask, *, config, backend):
+    """The ``_DIRECT`` entry of an eager decode step's first layer whose call form differs from
+    an earlier step's in the key length only: this step's layout (one launch), then the earlier
+    step's direct launches rebound to the new strides and lengths
+    (``UnifiedAttentionPlan.rebind``: the launch description is the planner's for the new call;
+    the compiled kernels are reused where Triton would pick them). The arrays are built here,
+    as the plan's path builds them, so they meet the contract the plan checked. None where
+    there is no such step, the layout has no fix-up, an array is not the tensor's own view, or
+    the rebind refuses (then the plan's path runs)."""
+    template = _STEP_TEMPLATES.get(_template_key(direct_key))
+    if template is None or attention_mask is None:
+        return None
+    plan, launch = template
+    batch, num_q_heads, _, head_dim = query.shape
+    k_cache, pages_per_row = _paged_view(key)
+    v_cache, v_pages_per_row = _paged_view(value)
+    if v_pages_per_row != pages_per_row:
+        return None
+    step = _layout(attention_mask, None, batch=batch, q_len=1, kv_len=key.shape[2], pages_per_row=pages_per_row,
+                   sliding=False, config=config, device=query.device, dtype=query.dtype, can_sync=True,
+                   backend=backend)
+    layout = step.layout
+    if step.keep is None or layout.rows is not None:
+        return None
+    q_packed = _layouts.pack_padded_torch(query.transpose(1, 2), layout)  # [B, H, D]: row b is sequence b
+    if q_packed.data_ptr() != query.data_ptr():  # a copy: the direct launches read query's own memory
+        return None
+    out = torch.empty((batch, num_q_heads, head_dim), dtype=query.dtype, device=query.device)
+    rebound = plan.rebind(launch, q_packed, k_cache, v_cache, layout.block_table, layout.cu_seqlens_q,
+                          layout.seq_lens, out, max_seqlen_k=layout.max_seqlen_k,
+                          row_fixup=(step.keep.view(-1), step.fill.view(-1)))
+    if rebound is None:
+        return None
+    entry = (attention_mask, _version(attention_mask), step, rebound, None)
+    _DIRECT.put(direct_key, entry)
+    _STEP_TEMPLATES.put(_template_key(direct_key), (plan, rebound))
+    return entry
 _DECODE_KV_SPLITS: list = [None]  # decode_kv_splits(): the split-KV count of decode steps (None: the planner's)
 
 
@@ -415,6 +469,7 @@ def decode_kv_splits(num_kv_splits: int | None) -> None:
     _DECODE_KV_SPLITS[0] = check_num_kv_splits(num_kv_splits)  # the ops' own rule (TypeError / ValueError)
     _PLANS.clear()
     _DIRECT.clear()
+    _STEP_TEMPLATES.clear()
 
 
 class KeptMassCollector:
@@ -539,7 +594,9 @@ def attention_forward(
                       key.dtype, value.dtype, query.device, id(config), backend, causal, window, softcap, scaling,
                       id(attention_mask))
         direct = _DIRECT.get(direct_key)
-        if direct is not None and direct[0] is attention_mask and direct[1] == _version(attention_mask):
+        if direct is None or direct[0] is not attention_mask or direct[1] != _version(attention_mask):
+            direct = _rebound_step(direct_key, query, key, value, attention_mask, config=config, backend=backend)
+        if direct is not None:
             _, _, step, launch, scratch = direct
             layout = step.layout
             out = scratch if scratch is not None else torch.empty((batch, 1, num_q_heads, head_dim),
@@ -592,6 +649,8 @@ def attention_forward(
                                                                     dtype=query.dtype, device=query.device)
                 _DIRECT.put(direct_key, (attention_mask, _version(attention_mask), decode_step,
                                          launch, scratch))
+                if launch.row_fixup:  # the next steps' first layers rebind these launches (_rebound_step)
+                    _STEP_TEMPLATES.put(_template_key(direct_key), (plan, launch))
     else:  # traced: no cache (the trace runs once)
         unified_attention(q_packed, k_cache, v_cache, *tables, out=out_packed, **options)
     out = _layouts.unpack_padded_torch(buffer, layout, (batch, q_len, num_q_heads, head_dim))

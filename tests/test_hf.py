@@ -487,6 +487,12 @@ def test_fused_decode_layout_equals_the_torch_layout(case, dtype, kernel_backend
     assert torch.equal(keep, want.keep.flatten())
     torch.testing.assert_close(fill, want.fill.flatten(), rtol=0, atol=0, equal_nan=True)
     assert keep.any() and not keep.all()  # every case has rows of both kinds
+    # a wider table (what sparse24.hf asks for: a multiple of 16 columns): the same first
+    # kv_len columns, then each row's last page repeated (valid pages, never read)
+    wide = decode_mask_layout(mask, kv_len=kv_len, pages_per_row=pages_per_row, out_dtype=dtype, width=kv_len + 21)[0]
+    assert wide.shape == (batch, kv_len + 21)
+    assert torch.equal(wide[:, :kv_len], block_table)
+    assert torch.equal(wide[:, kv_len:], block_table[:, -1:].expand(batch, 21))
 
 
 def test_decode_mask_layout_refuses_a_bad_mask():
@@ -494,6 +500,10 @@ def test_decode_mask_layout_refuses_a_bad_mask():
 
     with pytest.raises(ValueError, match=r"mask must be a tensor \[batch, L\] with 1 <= L <= kv_len = 4, got \[2, 5\]"):
         decode_mask_layout(torch.ones(2, 5, dtype=torch.bool), kv_len=4, pages_per_row=4, out_dtype=torch.float32)
+    for width in (3, 4.0, True):
+        with pytest.raises(ValueError, match=r"width must be None or an int >= max\(kv_len, 1\) = 4"):
+            decode_mask_layout(torch.ones(2, 4, dtype=torch.bool), kv_len=4, pages_per_row=4, out_dtype=torch.float32,
+                               width=width)
 
 
 def test_eager_decode_builds_its_layout_in_one_launch(monkeypatch, kernel_backend):
@@ -661,6 +671,48 @@ def test_gpu_direct_decode_launches_equal_the_plan(monkeypatch, config):
     sparse24.hf._DIRECT.clear()
     planned = decode_logits()
     assert torch.equal(direct, planned)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", [SparsityConfig.dense(), TWO_FOUR], ids=["dense", "2:4"])
+def test_gpu_rebound_decode_steps_equal_the_plan(monkeypatch, config):
+    """Decode steps of a dynamic cache whose first layer rebinds the previous step's direct
+    launches to the new key length (``_rebound_step``) give bit-identical logits, step by step,
+    to steps that check and plan every new form, for a left-padded batch over 20 steps (key
+    lengths 13..32: the block table's padded width crosses 16 and 32, where it keeps its
+    specialisation). The plans and direct launches of other tests' forms are cleared first."""
+    model = tiny_model("llama", layers=4).to("cuda")
+    model.set_attn_implementation("sparse24")
+    sparse24.hf.sparsify(model, config, backend="triton")
+    ids, mask = (t.to("cuda") for t in left_padded_batch())
+
+    def decode_logits():
+        out = []
+        with torch.no_grad():
+            cache = transformers.DynamicCache(config=model.config)
+            logits = model(ids, attention_mask=mask, past_key_values=cache, use_cache=True).logits
+            step_mask, token = mask, logits[:, -1:].argmax(-1)
+            for _ in range(20):
+                step_mask = torch.cat([step_mask, step_mask.new_ones(2, 1)], 1)
+                logits = model(token, attention_mask=step_mask, past_key_values=cache, use_cache=True).logits
+                out.append(logits)
+                token = logits[:, -1:].argmax(-1)
+        return torch.stack(out)
+
+    monkeypatch.setattr(sparse24.hf, "_DECODE_KV_SPLITS", [4])  # a split (the rebind is for split launches) at
+    # these short lengths, where the planner would not split
+    rebound = []
+    rebind = sparse24.hf._rebound_step
+    monkeypatch.setattr(sparse24.hf, "_rebound_step", lambda *a, **k: rebound.append(rebind(*a, **k)) or rebound[-1])
+    for cache in (sparse24.hf._PLANS, sparse24.hf._DIRECT, sparse24.hf._STEP_TEMPLATES):
+        cache.clear()
+    with_rebinds = decode_logits()
+    assert sum(r is not None for r in rebound) == 19, "every step after the first rebinds"
+    monkeypatch.setattr(sparse24.hf._STEP_TEMPLATES, "put", lambda *a: None)
+    sparse24.hf._DIRECT.clear()
+    sparse24.hf._STEP_TEMPLATES.clear()
+    planned = decode_logits()
+    assert torch.equal(with_rebinds, planned)
 
 
 @pytest.mark.gpu

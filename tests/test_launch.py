@@ -367,3 +367,97 @@ def test_direct_launches_call_the_c_launcher_on_the_current_stream(monkeypatch):
     calls.clear()
     TL._run_one(launch, [q, bt], {}, direct=True, device=device)
     assert [c[0] for c in calls] == ["runner"]
+
+
+def test_direct_launches_rebind_scalars_that_keep_their_specialization(monkeypatch):
+    """``DirectLaunches.rebind``: a description that differs in run-time scalars only, each
+    specialised by Triton as before (48 and 32 are both divisible by 16), launches the same
+    compiled kernel with the new trailing arguments and the replaced fixed buffer; a scalar
+    that Triton specialises otherwise (17, 1), another constexpr, another grid or warps, or an
+    unknown buffer name refuses (None). The object rebound from is unchanged. (A fake kernel
+    with Triton's parameter attributes; the real kernels: the subprocess test below, and
+    tests/test_hf.py's GPU comparison.)"""
+    import types
+
+    import torch
+
+    from sparse24.torch_ops import _launch as TL
+
+    if TL._native_specialize is None:
+        pytest.skip("this Triton does not expose native_specialize_impl")
+    calls = []
+
+    class Compiled:
+        def __getitem__(self, grid):
+            return lambda *args: calls.append((grid, args))
+
+    class Kernel:
+        arg_names = ["q_ptr", "row_keep_ptr", "n", "BLOCK"]
+        params = [types.SimpleNamespace(name=n, is_constexpr=n == "BLOCK", is_const=False, do_not_specialize=False,
+                                        do_not_specialize_on_alignment=False) for n in arg_names]
+
+        def __getitem__(self, grid):
+            return lambda *args, **kw: Compiled()
+
+    def launch(n, block=16, grid=(2, 3), warps=4):
+        return L.KernelLaunch(kernel=kernel, grid=grid, inputs=(("q_ptr", "q"), ("row_keep_ptr", "row_keep")),
+                              outputs=(), keywords={"n": n, "BLOCK": block}, num_warps=warps, num_stages=1)
+
+    kernel = Kernel()
+    monkeypatch.setattr(TL, "INTERPRETED", False)
+    monkeypatch.setattr(TL, "_COMPILED", {})
+    monkeypatch.setattr(TL, "_PARAMS", {})
+    device = torch.device("cpu")
+    q, keep, keep2 = torch.zeros(8), torch.zeros(8, dtype=torch.bool), torch.zeros(8, dtype=torch.bool)
+    first = launch(32)
+    TL._run_one(first, [q, keep], {}, direct=True, device=device)
+    direct = TL.DirectLaunches.build([first], {"row_keep": keep}, device, {"q": q.dtype})
+    assert direct.fixed_names == ("row_keep",) and direct.launches == (first,)
+    rebound = direct.rebind([launch(48)], {"row_keep": keep2})
+    other = torch.zeros(8)
+    assert rebound(q, other, other, other, other, other, other)
+    assert calls[-1] == ((2, 3, 1), (q.data_ptr(), keep2.data_ptr(), 48, 16))
+    assert direct(q, other, other, other, other, other, other)  # unchanged
+    assert calls[-1] == ((2, 3, 1), (q.data_ptr(), keep.data_ptr(), 32, 16))
+    assert rebound.rebind([launch(64)], {}) is not None  # a rebound object rebinds again
+    for refused in (launch(17), launch(1), launch(48, block=32), launch(48, grid=(4, 3)), launch(48, warps=8)):
+        assert direct.rebind([refused], {}) is None
+    assert direct.rebind([launch(48)], {"segm_acc": keep2}) is None
+    assert direct.rebind([launch(48), launch(48)], {}) is None
+
+
+def test_decode_steps_of_a_growing_cache_rebind_on_the_compiled_kernels():
+    """The real kernels' descriptions of consecutive decode steps of a transformers dynamic
+    cache (one-slot pages of a [B, H_kv, L, D] tensor, a [B, L] block table) differ in strides
+    only, which Triton specialises alike for L = 4100 -> 4101 (``_rebound_keywords`` accepts,
+    with the new description's values in the kernel's order), and not for a block-table width
+    that turns divisible by 16 (4111 -> 4112: refused). A subprocess without the interpreter:
+    the JIT kernels' parameter attributes, no GPU needed."""
+    import os
+    import subprocess
+    import sys
+
+    code = """
+from sparse24.torch_ops import _launch as TL
+from sparse24.kernels.launch import unified_attention_launches
+assert not TL.INTERPRETED and TL._native_specialize is not None
+B, H, HKV, D = 8, 32, 8, 64
+def describe(L):
+    return unified_attention_launches(
+        q_shape=(B, H, D), dtype="bfloat16", cache_shape=((B - 1) * HKV * L + L, 1, HKV, D), num_seqs=B, n=2, m=4,
+        dense_sink_tokens=0, dense_recent_tokens=0, sparse_decode=True, causal=True, softmax_scale=0.125, window=0,
+        softcap=0.0, max_seqlen_q=1, max_seqlen_k=L, store_lse=False, num_sms=132, row_fixup=True,
+        q_strides=(H * D, D, 1), k_cache_strides=(D, D, L * D, 1), v_cache_strides=(D, D, L * D, 1),
+        block_table_strides=(L, 1), out_strides=(H * D, D, 1))
+old, new = describe(4100), describe(4101)
+assert len(old) == 2 and [o.kernel for o in old] == [n.kernel for n in new]
+main = TL._rebound_keywords(old[0], new[0])
+names = new[0].kernel.arg_names[len(new[0].inputs) + len(new[0].outputs):]
+assert main == tuple(new[0].keywords[n] for n in names) and main != tuple(old[0].keywords[n] for n in names)
+assert TL._rebound_keywords(old[1], new[1]) == tuple(new[1].keywords[n] for n in new[1].kernel.arg_names[7:])
+assert TL._rebound_keywords(describe(4111)[0], describe(4112)[0]) is None
+print("ok")
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]

@@ -223,7 +223,7 @@ class DirectLaunches:
     called directly on the current stream; else Triton's runners.
     """
 
-    __slots__ = ("steps", "bare", "device_index", "fixed", "keep_alive", "row_fixup")
+    __slots__ = ("steps", "bare", "device_index", "fixed", "keep_alive", "row_fixup", "launches", "fixed_names")
 
     def __init__(self, steps, fixed: tuple, keep_alive: tuple, bare=None, device_index: int = 0):
         self.steps = steps  # ((runner, slots, trailing), ...): slot = index into (7 user pointers, *fixed)
@@ -232,6 +232,8 @@ class DirectLaunches:
         self.fixed = fixed  # the fixed buffers' data pointers
         self.keep_alive = keep_alive  # the fixed buffers themselves
         self.row_fixup = False  # a launch writes the row fix-up (reads row_keep; set by build)
+        self.launches = ()  # the described launches these run (set by build and rebind)
+        self.fixed_names = ()  # the fixed buffers' array names, in the order of ``fixed``
 
     @classmethod
     def build(cls, launches, fixed: dict, device: torch.device, dtypes: dict):
@@ -256,6 +258,39 @@ class DirectLaunches:
         direct = cls(tuple(steps), tuple(b.data_ptr() for b in buffers), buffers, None if not bare else tuple(bare),
                      index)
         direct.row_fixup = any("row_keep" in launch.input_arrays for launch in launches)
+        direct.launches, direct.fixed_names = tuple(launches), tuple(names_fixed)
+        return direct
+
+    def rebind(self, launches, buffers: dict) -> "DirectLaunches | None":
+        """The same compiled kernels running other described launches: ``launches`` is the
+        description of a call that differs from this one's in run-time scalars only (another
+        key length's strides, say: the same kernels, grids, warps, stages, arrays, output
+        shapes and constexprs), ``buffers`` {name: tensor} replaces fixed buffers by name
+        (``row_keep``, ``row_fill``). Returns the new ``DirectLaunches``, or None where
+        anything else differs or a changed scalar does not keep Triton's specialisation of
+        the old value (divisibility by 16, equality to 1, 32 or 64 bits): there Triton's JIT
+        would pick another compiled kernel (the caller then takes the plan's path, which
+        does). No compilation, no driver call: tens of microseconds of Python."""
+        launches = tuple(launches)
+        if len(launches) != len(self.launches) or not set(buffers) <= set(self.fixed_names):
+            return None
+        trailing = []
+        for old, new in zip(self.launches, launches):
+            if new is old:
+                trailing.append(None)
+                continue
+            if (new.kernel is not old.kernel or new.grid != old.grid or new.num_warps != old.num_warps
+                    or new.num_stages != old.num_stages or new.inputs != old.inputs or new.outputs != old.outputs):
+                return None
+            values = _rebound_keywords(old, new)
+            if values is None:
+                return None
+            trailing.append(values)
+        steps = tuple(s if t is None else (s[0], s[1], t) for s, t in zip(self.steps, trailing))
+        bare = None if self.bare is None else tuple(b if t is None else (*b[:4], t) for b, t in zip(self.bare, trailing))
+        kept = tuple(buffers.get(n, b) for n, b in zip(self.fixed_names, self.keep_alive))
+        direct = DirectLaunches(steps, tuple(b.data_ptr() for b in kept), kept, bare, self.device_index)
+        direct.row_fixup, direct.launches, direct.fixed_names = self.row_fixup, launches, self.fixed_names
         return direct
 
     def __call__(self, q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, out) -> bool:
@@ -271,6 +306,39 @@ class DirectLaunches:
         for runner, slots, trailing in self.steps:
             runner(*[table[i] for i in slots], *trailing)
         return True
+
+
+_PARAMS: dict = {}  # id(kernel) -> (kernel, {parameter name: Triton's KernelParam})
+
+
+def _rebound_keywords(old: KernelLaunch, new: KernelLaunch) -> tuple | None:
+    """``new``'s keywords in the kernel's order (the launcher's trailing arguments), where
+    ``new`` differs from ``old`` in non-constexpr scalars only and each changed scalar keeps
+    the specialisation Triton's JIT gave the old value; else None."""
+    if _native_specialize is None:
+        return None
+    entry = _PARAMS.get(id(old.kernel))
+    if entry is None or entry[0] is not old.kernel:
+        params = getattr(old.kernel, "params", None)
+        if params is None:
+            return None
+        entry = _PARAMS[id(old.kernel)] = (old.kernel, {p.name: p for p in params})
+    by_name = entry[1]
+    names = old.kernel.arg_names[len(old.inputs) + len(old.outputs):]
+    for name in names:
+        before, after = old.keywords[name], new.keywords[name]
+        if before == after and type(before) is type(after):
+            continue
+        param = by_name[name]
+        if param.is_constexpr or type(before) is not type(after) or isinstance(before, bool):
+            return None
+        if isinstance(before, int):
+            spec = (param.is_const, not param.do_not_specialize, not param.do_not_specialize_on_alignment)
+            if _native_specialize(_BaseBackend, before, *spec) != _native_specialize(_BaseBackend, after, *spec):
+                return None
+        elif not isinstance(before, float):
+            return None
+    return tuple(new.keywords[n] for n in names)
 
 
 def _run_one(launch: KernelLaunch, inputs: list, env: dict, *, direct: bool, device: torch.device,
@@ -339,6 +407,25 @@ def launch_unified_attention(
     )
 
 
+def describe_unified_attention(q, k_cache, v_cache, block_table, seq_lens, out, n, m, dense_sink_tokens,
+                               dense_recent_tokens, sparse_decode, causal, softmax_scale, window, softcap,
+                               max_seqlen_q, max_seqlen_k, num_kv_splits, store_lse, store_stats=False,
+                               row_fixup=False) -> tuple:
+    """The launch description (``unified_attention_launches``) of a call on these tensors
+    (their shapes, strides, dtypes and device; arguments as in :func:`launch_unified_attention`)."""
+    return unified_attention_launches(
+        q_shape=tuple(q.shape), dtype=dtype_str(q.dtype), cache_shape=tuple(k_cache.shape),
+        num_seqs=seq_lens.shape[0], n=n, m=m, dense_sink_tokens=dense_sink_tokens,
+        dense_recent_tokens=dense_recent_tokens, sparse_decode=sparse_decode, causal=causal,
+        softmax_scale=softmax_scale, window=window, softcap=softcap,
+        max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, store_lse=store_lse, store_stats=store_stats,
+        num_kv_splits=num_kv_splits or None, num_sms=num_sms(q.device), interpret=INTERPRETED,
+        row_fixup=bool(row_fixup), q_strides=tuple(q.stride()), k_cache_strides=tuple(k_cache.stride()),
+        v_cache_strides=tuple(v_cache.stride()), block_table_strides=tuple(block_table.stride()),
+        out_strides=tuple(out.stride()),
+    )
+
+
 def _launch_unified(state, q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, out, lse, n, m,
                     dense_sink_tokens, dense_recent_tokens, sparse_decode, causal, softmax_scale, window, softcap,
                     max_seqlen_q, max_seqlen_k, num_kv_splits, store_lse, direct, store_stats=False,
@@ -350,16 +437,10 @@ def _launch_unified(state, q, k_cache, v_cache, block_table, cu_seqlens_q, seq_l
     slot = "launches_row_fixup" if row_fixup else "launches"
     launches = None if state is None else state.get(slot)
     if launches is None:
-        launches = unified_attention_launches(
-            q_shape=tuple(q.shape), dtype=dtype_str(q.dtype), cache_shape=tuple(k_cache.shape),
-            num_seqs=seq_lens.shape[0], n=n, m=m, dense_sink_tokens=dense_sink_tokens,
-            dense_recent_tokens=dense_recent_tokens, sparse_decode=sparse_decode, causal=causal,
-            softmax_scale=softmax_scale, window=window, softcap=softcap,
-            max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, store_lse=store_lse, store_stats=store_stats,
-            num_kv_splits=num_kv_splits or None, num_sms=num_sms(q.device), interpret=INTERPRETED,
-            row_fixup=row_fixup, q_strides=tuple(q.stride()), k_cache_strides=tuple(k_cache.stride()),
-            v_cache_strides=tuple(v_cache.stride()), block_table_strides=tuple(block_table.stride()),
-            out_strides=tuple(out.stride()),
+        launches = describe_unified_attention(
+            q, k_cache, v_cache, block_table, seq_lens, out, n, m, dense_sink_tokens, dense_recent_tokens,
+            sparse_decode, causal, softmax_scale, window, softcap, max_seqlen_q, max_seqlen_k, num_kv_splits,
+            store_lse, store_stats, row_fixup,
         )
         if state is not None:
             state[slot] = launches
@@ -392,13 +473,15 @@ def launch_write_kv_cache(
 
 
 def launch_decode_mask_layout(mask: torch.Tensor, kv_len: int, pages_per_row: int, out_dtype: torch.dtype,
-                              direct: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                              direct: bool = True, width: int | None = None
+                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One launch: the decode layout of a slot mask ``mask [B, L]`` (bool, or signed: < 0 not
-    written) -> ``(block_table i32 [B, max(kv_len, 1)], seq_lens i32 [B], keep bool [B],
-    fill [B] out_dtype)`` (``sparse24.kernels.mask_layout``). Eager, no validation here."""
+    written) -> ``(block_table i32 [B, width], seq_lens i32 [B], keep bool [B], fill [B]
+    out_dtype)`` (``sparse24.kernels.mask_layout``; width None: max(kv_len, 1)). Eager, no
+    validation here."""
     launches = decode_mask_layout_launches(
         mask_shape=tuple(mask.shape), mask_strides=tuple(mask.stride()), signed_mask=mask.dtype != torch.bool,
-        kv_len=int(kv_len), pages_per_row=int(pages_per_row), out_dtype=dtype_str(out_dtype),
+        kv_len=int(kv_len), pages_per_row=int(pages_per_row), out_dtype=dtype_str(out_dtype), width=width,
     )
     env = run_launches(launches, {"mask": mask}, functools.partial(_run_one, direct=direct, device=mask.device))
     return env["block_table"], env["seq_lens"], env["keep"], env["fill"]

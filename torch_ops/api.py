@@ -312,6 +312,31 @@ class UnifiedAttentionPlan:
         dtypes = {name: a.dtype for name, a in zip(_USER_ARRAYS, arrays)}
         return DirectLaunches.build(state[slot], fixed, q.device, dtypes)
 
+    def rebind(self, direct, q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, out, *, max_seqlen_k: int,
+               row_fixup=None):
+        """``direct`` (this plan's :meth:`direct` launches, or an earlier rebind's) for arrays
+        whose form differs from the plan's in the key side only: other cache shapes and
+        strides, another block-table width, the key-length bound ``max_seqlen_k`` (an HF
+        dynamic cache's next decode step). The launch description of the new call is made
+        (the planner's, as for any call) and the compiled kernels are reused where it
+        differs from the old one in run-time scalars only, with Triton's specialisation of
+        each unchanged (``DirectLaunches.rebind``); else None (run a plan of the new form).
+        ``row_fixup`` as in :meth:`direct`, and present exactly when it was there. The
+        caller vouches that the new arrays meet the contract the plan checked (as for the
+        plan: ``sparse24.hf`` builds them); they are not checked again."""
+        from ._launch import describe_unified_attention
+
+        p, config, options = self.prepared, self.prepared.config, self.prepared.options
+        if direct is None or (row_fixup is None) != ("row_keep" not in direct.fixed_names):
+            return None
+        launches = describe_unified_attention(
+            q, k_cache, v_cache, block_table, seq_lens, out, config.n, config.m, config.dense_sink_tokens,
+            config.dense_recent_tokens, config.sparse_decode, options.causal, options.softmax_scale, options.window,
+            options.softcap, p.max_seqlen_q, int(max_seqlen_k), p.num_kv_splits, False, False, row_fixup is not None,
+        )
+        buffers = {} if row_fixup is None else dict(row_keep=row_fixup[0], row_fill=row_fixup[1])
+        return direct.rebind(launches, buffers)
+
     def __call__(self, q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, *, out=None, row_fixup=None):
         """Run the planned call; returns ``out`` [T, H_q, D] or ``(out, lse)`` as planned.
         ``row_fixup``: None, or ``(row_keep bool [T], row_fill [T] in q's dtype)`` on q's
@@ -470,7 +495,8 @@ def write_kv_cache(
     return k_cache, v_cache
 
 
-def decode_mask_layout(mask: torch.Tensor, *, kv_len: int, pages_per_row: int, out_dtype: torch.dtype):
+def decode_mask_layout(mask: torch.Tensor, *, kv_len: int, pages_per_row: int, out_dtype: torch.dtype,
+                       width: int | None = None):
     """The decode (one query per row) layout of a transformers slot mask in one Triton launch
     (``sparse24.kernels.mask_layout``; eager, compiled or interpreted kernels only).
 
@@ -480,14 +506,20 @@ def decode_mask_layout(mask: torch.Tensor, *, kv_len: int, pages_per_row: int, o
         ``sparse24.layouts``.
       kv_len: the cache's slot count; pages_per_row: pages of its one-slot paged view per row.
       out_dtype: the attention output's dtype (of ``fill``).
+      width: the block table's width, an int >= max(kv_len, 1) (None: that); the columns
+        past a row's keys hold its last slot's page. ``sparse24.hf`` rounds it up to a
+        multiple of 16, so the table's row stride keeps Triton's specialisation from one
+        decode step to the next (``UnifiedAttentionPlan.rebind``).
 
     Returns:
-      ``(block_table i32 [batch, max(kv_len, 1)], seq_lens i32 [batch], keep bool [batch],
+      ``(block_table i32 [batch, width], seq_lens i32 [batch], keep bool [batch],
       fill [batch] out_dtype)``: what ``padding_mask_layout_torch`` and the decode fix-up of
-      ``sparse24.hf`` compute (``keep``: the row's query slot is real and its real tokens are
-      contiguous; ``fill``: NaN for a row with holes, else 0).
+      ``sparse24.hf`` compute (``block_table[:, :kv_len]``; ``keep``: the row's query slot is
+      real and its real tokens are contiguous; ``fill``: NaN for a row with holes, else 0).
     """
     if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or not 1 <= mask.shape[1] <= kv_len:
         got = list(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
         raise ValueError(f"mask must be a tensor [batch, L] with 1 <= L <= kv_len = {kv_len}, got {got}")
-    return launch_decode_mask_layout(mask, kv_len, pages_per_row, out_dtype)
+    if width is not None and (isinstance(width, bool) or not isinstance(width, int) or width < max(kv_len, 1)):
+        raise ValueError(f"width must be None or an int >= max(kv_len, 1) = {max(kv_len, 1)}, got {width!r}")
+    return launch_decode_mask_layout(mask, kv_len, pages_per_row, out_dtype, width=width)
