@@ -122,14 +122,16 @@ def _insitu(model, ids, impl: str, args) -> None:
 
         patched += [(vars(hf), "_layout"), (vars(hf), "_fused_decode_step"), (vars(ops), "plan_unified_attention"),
                     (vars(api), "_launch_unified"), (vars(launch), "unified_attention_launches"),
-                    (vars(launch), "_fast_launch"), (vars(hf), "_can_sync")]
+                    (vars(launch), "_fast_launch"), (vars(hf), "_can_sync"), (vars(hf), "_rebound_step"),
+                    (vars(launch), "describe_unified_attention"), (vars(api), "launch_decode_mask_layout")]
     patched.insert(0, (vars(model), "forward"))  # the model's forward (instance attribute), host time
     model.forward = model.forward
     saved = [(d, k, d[k]) for d, k in patched]
     for i, (d, k) in enumerate(patched):
         d[k] = timed(("model forward", "attention fn", "mask fn")[i] if i < 3 else k, d[k])
     if name == "sparse24":  # methods, patched on their classes
-        classes = [(api.UnifiedAttentionPlan, "direct"), (api.UnifiedAttentionPlan, "__call__")]
+        classes = [(api.UnifiedAttentionPlan, "direct"), (api.UnifiedAttentionPlan, "__call__"),
+                   (api.UnifiedAttentionPlan, "rebind"), (launch.DirectLaunches, "rebind")]
         saved_methods = [(c, k, c.__dict__[k]) for c, k in classes]
         for c, k in classes:
             setattr(c, k, timed(f"{c.__name__}.{k}", c.__dict__[k]))

@@ -418,15 +418,15 @@ def _template_key(direct_key: tuple) -> tuple:
     return (q_shape, q_stride, k_shape[:2] + k_shape[3:], v_shape[:2] + v_shape[3:], *rest)
 
 
-def _rebound_step(direct_key, query, key, value, attention_mask, *, config, backend):
+def _rebound_step(direct_key, query, key, value, attention_mask):
     """The ``_DIRECT`` entry of an eager decode step's first layer whose call form differs from
     an earlier step's in the key length only: this step's layout (one launch), then the earlier
     step's direct launches rebound to the new strides and lengths
     (``UnifiedAttentionPlan.rebind``: the launch description is the planner's for the new call;
     the compiled kernels are reused where Triton would pick them). The arrays are built here,
     as the plan's path builds them, so they meet the contract the plan checked. None where
-    there is no such step, the layout has no fix-up, an array is not the tensor's own view, or
-    the rebind refuses (then the plan's path runs)."""
+    there is no such step or no mask, an array is not the tensor's own view, or the rebind
+    refuses (then the plan's path runs)."""
     template = _STEP_TEMPLATES.get(_template_key(direct_key))
     if template is None or attention_mask is None:
         return None
@@ -436,12 +436,10 @@ def _rebound_step(direct_key, query, key, value, attention_mask, *, config, back
     v_cache, v_pages_per_row = _paged_view(value)
     if v_pages_per_row != pages_per_row:
         return None
-    step = _layout(attention_mask, None, batch=batch, q_len=1, kv_len=key.shape[2], pages_per_row=pages_per_row,
-                   sliding=False, config=config, device=query.device, dtype=query.dtype, can_sync=True,
-                   backend=backend)
+    # a template exists only for compiled kernels (plan.direct), where _layout builds a decode
+    # step's layout with the fused launch: that launch here (later layers take _DIRECT)
+    step = _fused_decode_step(attention_mask, batch, key.shape[2], pages_per_row, query.dtype)
     layout = step.layout
-    if step.keep is None or layout.rows is not None:
-        return None
     q_packed = _layouts.pack_padded_torch(query.transpose(1, 2), layout)  # [B, H, D]: row b is sequence b
     if q_packed.data_ptr() != query.data_ptr():  # a copy: the direct launches read query's own memory
         return None
@@ -595,7 +593,7 @@ def attention_forward(
                       id(attention_mask))
         direct = _DIRECT.get(direct_key)
         if direct is None or direct[0] is not attention_mask or direct[1] != _version(attention_mask):
-            direct = _rebound_step(direct_key, query, key, value, attention_mask, config=config, backend=backend)
+            direct = _rebound_step(direct_key, query, key, value, attention_mask)
         if direct is not None:
             _, _, step, launch, scratch = direct
             layout = step.layout
