@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import pathlib
 import statistics
@@ -196,6 +197,17 @@ class _StepParts:
         self.originals = [(m, name, m[name]) for m, name, _ in slots]
         self.wrapped = [(m, name, self._timed(label, m[name])) for m, name, label in slots]
         self.patch()
+        self.gc_started = None
+        gc.callbacks.append(self._gc)
+
+    def _gc(self, phase, info) -> None:
+        """Python's garbage collections within the step (allocation-triggered: they land in
+        whichever part allocates, mostly the rest of the step)."""
+        if phase == "start":
+            self.gc_started = time.perf_counter()
+        elif self.gc_started is not None:
+            self.calls.append(("gc", time.perf_counter() - self.gc_started))
+            self.gc_started = None
 
     def patch(self) -> None:
         for mapping, name, fn in self.wrapped:
@@ -226,6 +238,7 @@ class _StepParts:
         out = {"queue step": queued_s, "attention, layer 0": attention[0] if attention else 0.0,
                "attention, other layers (mean)": sum(attention[1:]) / max(len(attention) - 1, 1),
                "attention, all layers": sum(attention), "create_causal_mask": mask,
+               "garbage collection": sum(s for label, s in self.calls if label == "gc"),
                "rest of the step (queue - attention - mask)": queued_s - sum(attention) - mask}
         return {k: v * 1e6 for k, v in out.items()}
 

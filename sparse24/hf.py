@@ -427,7 +427,8 @@ def _rebound_step(direct_key, query, key, value, attention_mask):
     as the plan's path builds them, so they meet the contract the plan checked. None where
     there is no such step or no mask, an array is not the tensor's own view, or the rebind
     refuses (then the plan's path runs)."""
-    template = _STEP_TEMPLATES.get(_template_key(direct_key))
+    template_key = _template_key(direct_key)
+    template = _STEP_TEMPLATES.get(template_key)
     if template is None or attention_mask is None:
         return None
     plan, launch = template
@@ -451,7 +452,7 @@ def _rebound_step(direct_key, query, key, value, attention_mask):
         return None
     entry = (attention_mask, _version(attention_mask), step, rebound, None)
     _DIRECT.put(direct_key, entry)
-    _STEP_TEMPLATES.put(_template_key(direct_key), (plan, rebound))
+    _STEP_TEMPLATES.put(template_key, (plan, rebound))
     return entry
 _DECODE_KV_SPLITS: list = [None]  # decode_kv_splits(): the split-KV count of decode steps (None: the planner's)
 

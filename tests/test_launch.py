@@ -406,7 +406,7 @@ def test_direct_launches_rebind_scalars_that_keep_their_specialization(monkeypat
     kernel = Kernel()
     monkeypatch.setattr(TL, "INTERPRETED", False)
     monkeypatch.setattr(TL, "_COMPILED", {})
-    monkeypatch.setattr(TL, "_PARAMS", {})
+    monkeypatch.setattr(TL, "_KEYWORDS", {})
     device = torch.device("cpu")
     q, keep, keep2 = torch.zeros(8), torch.zeros(8, dtype=torch.bool), torch.zeros(8, dtype=torch.bool)
     first = launch(32)

@@ -17,6 +17,7 @@ subclasses the public functions go through ``torch.ops.sparse24.*``.
 from __future__ import annotations
 
 import functools
+import operator
 from typing import Optional
 
 import torch
@@ -92,24 +93,44 @@ except ImportError:  # another Triton: no reuse across descriptions (each first 
     _native_specialize = None
 
 
-def _specialization(launch: KernelLaunch, names) -> tuple | None:
+_KEYWORDS: dict = {}  # (id(kernel), number of arrays) -> (kernel, names, getter, params)
+
+
+def _keyword_table(launch: KernelLaunch) -> tuple:
+    """(keyword names in the kernel's order, a getter of their values from ``keywords``
+    as a tuple, their Triton parameters or None where the kernel object has none), per kernel
+    and array count, computed once."""
+    n_arrays = len(launch.inputs) + len(launch.outputs)
+    entry = _KEYWORDS.get((id(launch.kernel), n_arrays))
+    if entry is None or entry[0] is not launch.kernel:
+        names = tuple(launch.kernel.arg_names[n_arrays:])
+        getter = (lambda kw: ()) if not names else (
+            (lambda kw, n=names[0]: (kw[n],)) if len(names) == 1 else operator.itemgetter(*names))
+        params = getattr(launch.kernel, "params", None)
+        by_name = None if params is None else {p.name: p for p in params}
+        entry = _KEYWORDS[(id(launch.kernel), n_arrays)] = (
+            launch.kernel, names, getter, None if by_name is None else tuple(by_name[n] for n in names))
+    return entry[1:]
+
+
+def _specialize(param, value):
+    """Triton's JIT specialisation of a constexpr (its value) or of a scalar (its own rule:
+    equal to 1, divisible by 16, 32 or 64 bits)."""
+    if param.is_constexpr:
+        return ("constexpr", value)
+    return _native_specialize(_BaseBackend, value, param.is_const, not param.do_not_specialize,
+                              not param.do_not_specialize_on_alignment)
+
+
+def _specialization(launch: KernelLaunch) -> tuple | None:
     """The key Triton's JIT compiles the described launch under, less the arrays: the kernel,
-    each keyword's specialisation in the kernel's order (constexprs by value; ints by Triton's
-    own rule: equal to 1, divisible by 16, 32 or 64 bits), warps and stages. None where this
+    each keyword's specialisation in the kernel's order, warps and stages. None where this
     Triton or this kernel object does not expose it (then no reuse)."""
-    params = getattr(launch.kernel, "params", None)
+    _, getter, params = _keyword_table(launch)
     if _native_specialize is None or params is None:
         return None
-    by_name = {p.name: p for p in params}
-    spec = []
-    for name in names:
-        param, value = by_name[name], launch.keywords[name]
-        if param.is_constexpr:
-            spec.append(("constexpr", value))
-        else:
-            spec.append(_native_specialize(_BaseBackend, value, param.is_const, not param.do_not_specialize,
-                                           not param.do_not_specialize_on_alignment))
-    return (launch.kernel, tuple(spec), launch.num_warps, launch.num_stages)
+    spec = tuple(map(_specialize, params, getter(launch.keywords)))
+    return (launch.kernel, spec, launch.num_warps, launch.num_stages)
 
 
 def _fast_launch(launch: KernelLaunch, arrays: tuple, device: torch.device) -> None:
@@ -117,10 +138,9 @@ def _fast_launch(launch: KernelLaunch, arrays: tuple, device: torch.device) -> N
     if entry is None or entry[0] is not launch:
         if len(_COMPILED) > 1024:
             _COMPILED.clear()
-        names = launch.kernel.arg_names[len(arrays):]  # the keywords, in the kernel's order
+        getter = _keyword_table(launch)[1]  # the keywords, in the kernel's order
         grid = (*launch.grid, 1, 1)[:3]  # a compiled kernel's launcher takes all three grid sizes
-        entry = _COMPILED[id(launch)] = (launch, tuple(launch.keywords[n] for n in names), {}, grid,
-                                         _specialization(launch, names))
+        entry = _COMPILED[id(launch)] = (launch, getter(launch.keywords), {}, grid, _specialization(launch))
     pointers = [a.data_ptr() for a in arrays]
     key = (device.index, *[(a.dtype, p % 16 == 0) for a, p in zip(arrays, pointers)])
     compiled = entry[2].get(key)
@@ -308,37 +328,25 @@ class DirectLaunches:
         return True
 
 
-_PARAMS: dict = {}  # id(kernel) -> (kernel, {parameter name: Triton's KernelParam})
-
-
 def _rebound_keywords(old: KernelLaunch, new: KernelLaunch) -> tuple | None:
     """``new``'s keywords in the kernel's order (the launcher's trailing arguments), where
     ``new`` differs from ``old`` in non-constexpr scalars only and each changed scalar keeps
     the specialisation Triton's JIT gave the old value; else None."""
-    if _native_specialize is None:
+    _, getter, params = _keyword_table(old)
+    if _native_specialize is None or params is None:
         return None
-    entry = _PARAMS.get(id(old.kernel))
-    if entry is None or entry[0] is not old.kernel:
-        params = getattr(old.kernel, "params", None)
-        if params is None:
-            return None
-        entry = _PARAMS[id(old.kernel)] = (old.kernel, {p.name: p for p in params})
-    by_name = entry[1]
-    names = old.kernel.arg_names[len(old.inputs) + len(old.outputs):]
-    for name in names:
-        before, after = old.keywords[name], new.keywords[name]
+    before_all, after_all = getter(old.keywords), getter(new.keywords)
+    for param, before, after in zip(params, before_all, after_all):
         if before == after and type(before) is type(after):
             continue
-        param = by_name[name]
         if param.is_constexpr or type(before) is not type(after) or isinstance(before, bool):
             return None
         if isinstance(before, int):
-            spec = (param.is_const, not param.do_not_specialize, not param.do_not_specialize_on_alignment)
-            if _native_specialize(_BaseBackend, before, *spec) != _native_specialize(_BaseBackend, after, *spec):
+            if _specialize(param, before) != _specialize(param, after):
                 return None
         elif not isinstance(before, float):
             return None
-    return tuple(new.keywords[n] for n in names)
+    return after_all
 
 
 def _run_one(launch: KernelLaunch, inputs: list, env: dict, *, direct: bool, device: torch.device,
