@@ -22,6 +22,9 @@ def main() -> None:
     p.add_argument("--prompt", type=int, default=4096)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--cprofile", action="store_true", help="also print the Python functions with the most own time")
+    p.add_argument("--cprofile-filter", default=None, metavar="REGEX",
+                   help="--cprofile: only functions whose path matches REGEX (e.g. 'sparse24|triton'), by own and "
+                        "by cumulative time")
     p.add_argument("--insitu", type=int, default=0,
                    help="time (perf_counter, no sync) the attention and mask functions inside generate with this "
                         "many new tokens: host time per decode step spent in each, beside the step's wall time")
@@ -84,7 +87,11 @@ def main() -> None:
                     step()
                 torch.cuda.synchronize()
                 py.disable()
-            pstats.Stats(py).sort_stats("tottime").print_stats(25)
+            if args.cprofile_filter:  # the functions of these paths only, by own time and by cumulative time
+                pstats.Stats(py).sort_stats("tottime").print_stats(args.cprofile_filter, 30)
+                pstats.Stats(py).sort_stats("cumtime").print_stats(args.cprofile_filter, 30)
+            else:
+                pstats.Stats(py).sort_stats("tottime").print_stats(25)
         ka = prof.key_averages()
         print(ka.table(sort_by="self_cuda_time_total", row_limit=12, max_name_column_width=60))
         print(ka.table(sort_by="self_cpu_time_total", row_limit=14, max_name_column_width=60))
