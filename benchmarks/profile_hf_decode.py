@@ -125,12 +125,14 @@ def _insitu(model, ids, impl: str, args) -> None:
     patched = [(ALL_ATTENTION_FUNCTIONS._global_mapping, name), (ALL_MASK_ATTENTION_FUNCTIONS._global_mapping, name)]
     if name == "sparse24":
         import sparse24.torch_ops as ops
+        import sparse24.kernels.launch as description
         import sparse24.torch_ops._launch as launch
 
         patched += [(vars(hf), "_layout"), (vars(hf), "_fused_decode_step"), (vars(ops), "plan_unified_attention"),
                     (vars(api), "_launch_unified"), (vars(launch), "unified_attention_launches"),
                     (vars(launch), "_fast_launch"), (vars(hf), "_can_sync"), (vars(hf), "_rebound_step"),
-                    (vars(launch), "describe_unified_attention"), (vars(api), "launch_decode_mask_layout")]
+                    (vars(launch), "describe_unified_attention"), (vars(api), "launch_decode_mask_layout"),
+                    (vars(description), "rebound_unified_attention_launches")]
     patched.insert(0, (vars(model), "forward"))  # the model's forward (instance attribute), host time
     model.forward = model.forward
     saved = [(d, k, d[k]) for d, k in patched]

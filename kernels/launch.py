@@ -71,6 +71,9 @@ class KernelLaunch:
     num_warps: int
     num_stages: int
     input_output_aliases: tuple[tuple[int, int], ...] = ()
+    # (the description's arguments, the planner's plan) for launches a key-side change can
+    # re-describe (rebound_unified_attention_launches); not part of the launch itself
+    described_by: Any = dataclasses.field(default=None, compare=False, repr=False)
 
     @property
     def input_arrays(self) -> tuple[str, ...]:
@@ -201,24 +204,22 @@ def unified_attention_launches(
     ``store_lse``), plus fp32 split-KV partials ``segm_*`` (dummies [1] without a split).
     With a split the reduce launch follows and writes ``out`` and ``lse``.
     """
+    call = dict(q_shape=q_shape, dtype=dtype, cache_shape=cache_shape, num_seqs=num_seqs, n=n, m=m,
+                dense_sink_tokens=dense_sink_tokens, dense_recent_tokens=dense_recent_tokens,
+                sparse_decode=sparse_decode, causal=causal, softmax_scale=softmax_scale, window=window, softcap=softcap,
+                max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, store_lse=store_lse, store_stats=store_stats,
+                num_kv_splits=num_kv_splits, num_sms=num_sms, interpret=interpret, row_fixup=row_fixup,
+                q_strides=q_strides, k_cache_strides=k_cache_strides, v_cache_strides=v_cache_strides,
+                block_table_strides=block_table_strides, out_strides=out_strides)
     num_tokens, num_q_heads, head_dim = (int(d) for d in q_shape)
-    num_kv_heads = int(cache_shape[2])
-    if store_stats:
-        num_kv_splits = 1
-    plan = planner.plan_unified_attention(
-        num_tokens=num_tokens, num_seqs=int(num_seqs), num_q_heads=num_q_heads, num_kv_heads=num_kv_heads,
-        head_dim=head_dim, dtype=dtype, n=int(n), m=int(m), max_seqlen_q=int(max_seqlen_q),
-        max_seqlen_k=int(max_seqlen_k), num_sms=num_sms, interpret=bool(interpret), num_kv_splits=num_kv_splits,
-    )
+    plan = _plan_of(call)
     out_shape = (num_tokens, num_q_heads, head_dim)
     if store_stats:
         lse_shape = (num_tokens, num_q_heads, 3)
     else:
         lse_shape = (num_tokens, num_q_heads) if store_lse else (1, 1)
     qs = tuple(q_strides) if q_strides is not None else contiguous_strides(q_shape)
-    ks = tuple(k_cache_strides) if k_cache_strides is not None else contiguous_strides(cache_shape)
-    vs = tuple(v_cache_strides) if v_cache_strides is not None else contiguous_strides(cache_shape)
-    bts = tuple(block_table_strides) if block_table_strides is not None else (1, 1)
+    ks, vs, bts = _key_side_layout(cache_shape, k_cache_strides, v_cache_strides, block_table_strides)
     os_ = tuple(out_strides) if out_strides is not None else contiguous_strides(out_shape)
     ls = contiguous_strides(lse_shape)
     if plan.is_split:
@@ -255,15 +256,14 @@ def unified_attention_launches(
             dense_sink_tokens=int(dense_sink_tokens), dense_recent_tokens=int(dense_recent_tokens),
             num_seqs=int(num_seqs),
             stride_q_token=qs[0], stride_q_head=qs[1], stride_q_dim=qs[2],
-            stride_kc_block=ks[0], stride_kc_slot=ks[1], stride_kc_head=ks[2], stride_kc_dim=ks[3],
-            stride_vc_block=vs[0], stride_vc_slot=vs[1], stride_vc_head=vs[2], stride_vc_dim=vs[3],
-            stride_bt_seq=bts[0], stride_bt_page=bts[1],
+            **_key_side_strides(ks, vs, bts),
             **out_lse_strides,
             **constexprs,
         ),
         num_warps=num_warps,
         num_stages=num_stages,
     )
+    main = dataclasses.replace(main, described_by=(call, plan))
     if not plan.is_split:
         return (main,)
     reduce_constexprs = plan.reduce_constexprs(store_lse=bool(store_lse), row_fixup=bool(row_fixup))
@@ -280,6 +280,69 @@ def unified_attention_launches(
         num_stages=reduce_stages,
     )
     return (main, reduce)
+
+
+def _plan_of(call: Mapping) -> planner.AttentionPlan:
+    """The planner's plan of a :func:`unified_attention_launches` call (its arguments)."""
+    q_shape, cache_shape = call["q_shape"], call["cache_shape"]
+    return planner.plan_unified_attention(
+        num_tokens=int(q_shape[0]), num_seqs=int(call["num_seqs"]), num_q_heads=int(q_shape[1]),
+        num_kv_heads=int(cache_shape[2]), head_dim=int(q_shape[2]), dtype=call["dtype"], n=int(call["n"]),
+        m=int(call["m"]), max_seqlen_q=int(call["max_seqlen_q"]), max_seqlen_k=int(call["max_seqlen_k"]),
+        num_sms=call["num_sms"], interpret=bool(call["interpret"]),
+        num_kv_splits=1 if call["store_stats"] else call["num_kv_splits"],
+    )
+
+
+def _key_side_layout(cache_shape, k_cache_strides, v_cache_strides, block_table_strides) -> tuple[Shape, Shape, Shape]:
+    """The caches' and the block table's element strides (None: contiguous caches; a block
+    table is only strided, never sized here)."""
+    ks = tuple(k_cache_strides) if k_cache_strides is not None else contiguous_strides(cache_shape)
+    vs = tuple(v_cache_strides) if v_cache_strides is not None else contiguous_strides(cache_shape)
+    bts = tuple(block_table_strides) if block_table_strides is not None else (1, 1)
+    return ks, vs, bts
+
+
+def _key_side_strides(ks: Shape, vs: Shape, bts: Shape) -> dict:
+    """The unified kernel's cache and block-table stride parameters (the one mapping)."""
+    return dict(
+        stride_kc_block=ks[0], stride_kc_slot=ks[1], stride_kc_head=ks[2], stride_kc_dim=ks[3],
+        stride_vc_block=vs[0], stride_vc_slot=vs[1], stride_vc_head=vs[2], stride_vc_dim=vs[3],
+        stride_bt_seq=bts[0], stride_bt_page=bts[1],
+    )
+
+
+# What a key-side change may touch: the caches' page count (cache_shape[0]) and strides, the
+# block table's strides, the key-length bound (through the planner only).
+_KEY_SIDE = frozenset({"cache_shape", "k_cache_strides", "v_cache_strides", "block_table_strides", "max_seqlen_k"})
+
+
+def rebound_unified_attention_launches(launches: Sequence[KernelLaunch], **call) -> tuple[KernelLaunch, ...] | None:
+    """``unified_attention_launches(**call)`` made from ``launches`` (an earlier result of it)
+    where ``call`` differs from the arguments that described them on the key side only: the
+    caches' page count and strides, the block table's strides, ``max_seqlen_k`` (an HF dynamic
+    cache's next decode step), and the planner plans both calls alike. Then the stride
+    parameters are the only difference (the strides enter the description nowhere else), so
+    this is the described launches with those replaced: a planner call instead of a whole
+    description. None where anything else differs (then describe the call)."""
+    described_by = launches[0].described_by if launches else None
+    if described_by is None:
+        return None
+    before, plan = described_by
+    if call.keys() != before.keys():
+        return None
+    for name, value in call.items():
+        if name not in _KEY_SIDE and value != before[name]:
+            return None
+    if tuple(call["cache_shape"])[1:] != tuple(before["cache_shape"])[1:]:  # page size, heads, head_dim
+        return None
+    if call["max_seqlen_k"] != before["max_seqlen_k"] and _plan_of(call) != plan:
+        return None
+    strides = _key_side_strides(*_key_side_layout(call["cache_shape"], call["k_cache_strides"],
+                                                  call["v_cache_strides"], call["block_table_strides"]))
+    main = launches[0]
+    keywords = types.MappingProxyType({**main.keywords, **strides})
+    return (dataclasses.replace(main, keywords=keywords, described_by=(dict(call), plan)), *launches[1:])
 
 
 def applies_row_fixup(launches: Sequence[KernelLaunch]) -> bool:

@@ -461,3 +461,51 @@ print("ok")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
+
+
+def _decode_call(L, *, heads=(32, 8), head_dim=64, n=2, m=4, batch=8, splits=None, row_fixup=True, **over):
+    """unified_attention_launches' arguments for one decode step of a transformers dynamic
+    cache at key length L (one-slot pages of [batch, H_kv, L, D], a block table padded to a
+    multiple of 16 columns), as sparse24.hf makes them."""
+    hq, hkv = heads
+    width = -(-L // 16) * 16
+    call = dict(q_shape=(batch, hq, head_dim), dtype="bfloat16", cache_shape=((batch - 1) * hkv * L + L, 1, hkv, head_dim),
+                num_seqs=batch, n=n, m=m, dense_sink_tokens=0, dense_recent_tokens=0, sparse_decode=True, causal=True,
+                softmax_scale=0.125, window=0, softcap=0.0, max_seqlen_q=1, max_seqlen_k=L, store_lse=False,
+                store_stats=False, num_kv_splits=splits, num_sms=132, interpret=False, row_fixup=row_fixup,
+                q_strides=(hq * head_dim, head_dim, 1), k_cache_strides=(head_dim, head_dim, L * head_dim, 1),
+                v_cache_strides=(head_dim, head_dim, L * head_dim, 1), block_table_strides=(width, 1),
+                out_strides=(hq * head_dim, head_dim, 1))
+    call.update(over)
+    return call
+
+
+@pytest.mark.parametrize("shape", [dict(), dict(heads=(32, 32), head_dim=128, n=4, m=4), dict(n=4, m=8, batch=3),
+                                   dict(splits=4, row_fixup=False)], ids=["2:4-gqa4-d64", "dense-d128", "4:8-b3", "split4"])
+def test_key_side_rebound_equals_the_description(shape):
+    """``rebound_unified_attention_launches`` from the launches of key length L gives exactly
+    ``unified_attention_launches`` of the next lengths (every field: kernel, grid, arrays,
+    output shapes, every keyword, warps, stages) where the planner plans alike, and refuses
+    (None) exactly where it does not (another split count at short lengths) or where anything
+    but the key side changed."""
+    refused = 0
+    for start in (5, 60, 250, 1000, 4100):
+        launches = L.unified_attention_launches(**_decode_call(start, **shape))
+        for length in (start + 1, start + 3, start + 17, 2 * start + 7):
+            want = L.unified_attention_launches(**_decode_call(length, **shape))
+            got = L.rebound_unified_attention_launches(launches, **_decode_call(length, **shape))
+            same_plan = L._plan_of(_decode_call(start, **shape)) == L._plan_of(_decode_call(length, **shape))
+            assert (got is not None) == same_plan
+            if got is None:
+                refused += 1
+                continue
+            assert got == want and [dict(g.keywords) for g in got] == [dict(w.keywords) for w in want]
+            assert got[0].described_by[0] == _decode_call(length, **shape)
+            launches = got  # rebinds chain, as decode steps do
+    assert refused < 10  # long contexts keep their plan
+    launches = L.unified_attention_launches(**_decode_call(300, **shape))
+    for other in (dict(q_strides=(4096, 64, 1)), dict(softmax_scale=0.1), dict(cache_shape=(100, 2, 8, 64)),
+                  dict(num_seqs=9), dict(row_fixup=not shape.get("row_fixup", True))):
+        assert L.rebound_unified_attention_launches(launches, **_decode_call(301, **{**shape, **other})) is None
+    assert L.rebound_unified_attention_launches(L.write_kv_cache_launches(
+        kv_shape=(1, 8, 64), cache_shape=(10, 16, 8, 64), dtype="bfloat16"), **_decode_call(301, **shape)) is None

@@ -421,7 +421,18 @@ def describe_unified_attention(q, k_cache, v_cache, block_table, seq_lens, out, 
                                row_fixup=False) -> tuple:
     """The launch description (``unified_attention_launches``) of a call on these tensors
     (their shapes, strides, dtypes and device; arguments as in :func:`launch_unified_attention`)."""
-    return unified_attention_launches(
+    return unified_attention_launches(**unified_attention_call(
+        q, k_cache, v_cache, block_table, seq_lens, out, n, m, dense_sink_tokens, dense_recent_tokens,
+        sparse_decode, causal, softmax_scale, window, softcap, max_seqlen_q, max_seqlen_k, num_kv_splits,
+        store_lse, store_stats, row_fixup))
+
+
+def unified_attention_call(q, k_cache, v_cache, block_table, seq_lens, out, n, m, dense_sink_tokens,
+                           dense_recent_tokens, sparse_decode, causal, softmax_scale, window, softcap,
+                           max_seqlen_q, max_seqlen_k, num_kv_splits, store_lse, store_stats=False,
+                           row_fixup=False) -> dict:
+    """The arguments of ``unified_attention_launches`` for a call on these tensors."""
+    return dict(
         q_shape=tuple(q.shape), dtype=dtype_str(q.dtype), cache_shape=tuple(k_cache.shape),
         num_seqs=seq_lens.shape[0], n=n, m=m, dense_sink_tokens=dense_sink_tokens,
         dense_recent_tokens=dense_recent_tokens, sparse_decode=sparse_decode, causal=causal,

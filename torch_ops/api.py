@@ -318,22 +318,28 @@ class UnifiedAttentionPlan:
         whose form differs from the plan's in the key side only: other cache shapes and
         strides, another block-table width, the key-length bound ``max_seqlen_k`` (an HF
         dynamic cache's next decode step). The launch description of the new call is made
-        (the planner's, as for any call) and the compiled kernels are reused where it
-        differs from the old one in run-time scalars only, with Triton's specialisation of
-        each unchanged (``DirectLaunches.rebind``); else None (run a plan of the new form).
+        from ``direct``'s (``rebound_unified_attention_launches``: the planner plans the new
+        call, the stride parameters change) or anew, and the compiled kernels are reused
+        where it differs from the old one in run-time scalars only, with Triton's
+        specialisation of each unchanged (``DirectLaunches.rebind``); else None (run a plan
+        of the new form).
         ``row_fixup`` as in :meth:`direct`, and present exactly when it was there. The
         caller vouches that the new arrays meet the contract the plan checked (as for the
         plan: ``sparse24.hf`` builds them); they are not checked again."""
-        from ._launch import describe_unified_attention
+        from sparse24.kernels.launch import rebound_unified_attention_launches, unified_attention_launches
+
+        from ._launch import unified_attention_call
 
         p, config, options = self.prepared, self.prepared.config, self.prepared.options
         if direct is None or (row_fixup is None) != ("row_keep" not in direct.fixed_names):
             return None
-        launches = describe_unified_attention(
+        call = unified_attention_call(
             q, k_cache, v_cache, block_table, seq_lens, out, config.n, config.m, config.dense_sink_tokens,
             config.dense_recent_tokens, config.sparse_decode, options.causal, options.softmax_scale, options.window,
             options.softcap, p.max_seqlen_q, int(max_seqlen_k), p.num_kv_splits, False, False, row_fixup is not None,
         )
+        # a key-side change (the usual case) re-describes from the launches; anything else describes anew
+        launches = rebound_unified_attention_launches(direct.launches, **call) or unified_attention_launches(**call)
         buffers = {} if row_fixup is None else dict(row_keep=row_fixup[0], row_fill=row_fixup[1])
         return direct.rebind(launches, buffers)
 
