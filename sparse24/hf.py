@@ -419,41 +419,42 @@ def _template_key(direct_key: tuple) -> tuple:
 
 
 def _rebound_step(direct_key, query, key, value, attention_mask):
-    """The ``_DIRECT`` entry of an eager decode step's first layer whose call form differs from
-    an earlier step's in the key length only: this step's layout (one launch), then the earlier
-    step's direct launches rebound to the new strides and lengths
-    (``UnifiedAttentionPlan.rebind``: the launch description is the planner's for the new call;
-    the compiled kernels are reused where Triton would pick them). The arrays are built here,
-    as the plan's path builds them, so they meet the contract the plan checked. None where
-    there is no such step or no mask, an array is not the tensor's own view, or the rebind
-    refuses (then the plan's path runs)."""
+    """``(entry, out)`` for an eager decode step's first layer whose call form differs from an
+    earlier step's in the key length only: this step's layout (one launch), then the earlier
+    step's direct launches rebound to the new strides and lengths (``UnifiedAttentionPlan.rebind``:
+    the launch description of the new call, from the old one's where only the key side
+    changed; the compiled kernels reused where Triton would pick them). ``entry`` goes into
+    ``_DIRECT`` (the later layers' launches), ``out`` [B, 1, H, D] is this layer's output
+    buffer (the description's). The arrays are built here as the plan's path builds them, so
+    they meet the contract the plan checked. ``(None, None)`` where there is no such step or
+    no mask, the packed query is a copy, or the rebind refuses (then the plan's path runs)."""
     template_key = _template_key(direct_key)
     template = _STEP_TEMPLATES.get(template_key)
     if template is None or attention_mask is None:
-        return None
+        return None, None
     plan, launch = template
     batch, num_q_heads, _, head_dim = query.shape
     k_cache, pages_per_row = _paged_view(key)
     v_cache, v_pages_per_row = _paged_view(value)
     if v_pages_per_row != pages_per_row:
-        return None
+        return None, None
     # a template exists only for compiled kernels (plan.direct), where _layout builds a decode
     # step's layout with the fused launch: that launch here (later layers take _DIRECT)
     step = _fused_decode_step(attention_mask, batch, key.shape[2], pages_per_row, query.dtype)
     layout = step.layout
     q_packed = _layouts.pack_padded_torch(query.transpose(1, 2), layout)  # [B, H, D]: row b is sequence b
     if q_packed.data_ptr() != query.data_ptr():  # a copy: the direct launches read query's own memory
-        return None
-    out = torch.empty((batch, num_q_heads, head_dim), dtype=query.dtype, device=query.device)
+        return None, None
+    out = torch.empty((batch, 1, num_q_heads, head_dim), dtype=query.dtype, device=query.device)  # this layer's
     rebound = plan.rebind(launch, q_packed, k_cache, v_cache, layout.block_table, layout.cu_seqlens_q,
-                          layout.seq_lens, out, max_seqlen_k=layout.max_seqlen_k,
+                          layout.seq_lens, out.view(batch, num_q_heads, head_dim), max_seqlen_k=layout.max_seqlen_k,
                           row_fixup=(step.keep.view(-1), step.fill.view(-1)))
     if rebound is None:
-        return None
+        return None, None
     entry = (attention_mask, _version(attention_mask), step, rebound, None)
     _DIRECT.put(direct_key, entry)
     _STEP_TEMPLATES.put(template_key, (plan, rebound))
-    return entry
+    return entry, out
 _DECODE_KV_SPLITS: list = [None]  # decode_kv_splits(): the split-KV count of decode steps (None: the planner's)
 
 
@@ -593,13 +594,15 @@ def attention_forward(
                       key.dtype, value.dtype, query.device, id(config), backend, causal, window, softcap, scaling,
                       id(attention_mask))
         direct = _DIRECT.get(direct_key)
+        out = None
         if direct is None or direct[0] is not attention_mask or direct[1] != _version(attention_mask):
-            direct = _rebound_step(direct_key, query, key, value, attention_mask)
+            direct, out = _rebound_step(direct_key, query, key, value, attention_mask)
         if direct is not None:
             _, _, step, launch, scratch = direct
             layout = step.layout
-            out = scratch if scratch is not None else torch.empty((batch, 1, num_q_heads, head_dim),
-                                                                  dtype=query.dtype, device=query.device)
+            if out is None:
+                out = scratch if scratch is not None else torch.empty((batch, 1, num_q_heads, head_dim),
+                                                                      dtype=query.dtype, device=query.device)
             if launch(query, key, value, layout.block_table, layout.cu_seqlens_q, layout.seq_lens, out):
                 return (torch.where(step.keep, out, step.fill) if scratch is not None else out), None
     k_cache, pages_per_row = _paged_view(key)

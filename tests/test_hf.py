@@ -703,7 +703,13 @@ def test_gpu_rebound_decode_steps_equal_the_plan(monkeypatch, config):
     # these short lengths, where the planner would not split
     rebound = []
     rebind = sparse24.hf._rebound_step
-    monkeypatch.setattr(sparse24.hf, "_rebound_step", lambda *a, **k: rebound.append(rebind(*a, **k)) or rebound[-1])
+
+    def counted(*a, **k):
+        entry, out = rebind(*a, **k)
+        rebound.append(entry)
+        return entry, out
+
+    monkeypatch.setattr(sparse24.hf, "_rebound_step", counted)
     for cache in (sparse24.hf._PLANS, sparse24.hf._DIRECT, sparse24.hf._STEP_TEMPLATES):
         cache.clear()
     with_rebinds = decode_logits()
