@@ -455,6 +455,8 @@ def _rebound_step(direct_key, query, key, value, attention_mask):
     _DIRECT.put(direct_key, entry)
     _STEP_TEMPLATES.put(template_key, (plan, rebound))
     return entry, out
+
+
 _DECODE_KV_SPLITS: list = [None]  # decode_kv_splits(): the split-KV count of decode steps (None: the planner's)
 
 
