@@ -193,12 +193,17 @@ def slot_mask(
     return torch.where(written, base.to(torch.int8), -1)
 
 
+_OPS_CAN_SYNC: list = []  # the ops' check, imported on the first call (an import per layer call costs host time)
+
+
 def _can_sync() -> bool:
     """Host reads are possible (not tracing for torch.compile, not capturing a CUDA graph): the
     ops' own check, called once per layer call."""
-    from sparse24.torch_ops.api import _can_sync as ops_can_sync
+    if not _OPS_CAN_SYNC:
+        from sparse24.torch_ops.api import _can_sync as ops_can_sync
 
-    return ops_can_sync()
+        _OPS_CAN_SYNC.append(ops_can_sync)
+    return _OPS_CAN_SYNC[0]()
 
 
 def _version(t: torch.Tensor):
@@ -560,8 +565,6 @@ def attention_forward(
     (not repeated for GQA; the whole cache: a StaticCache's whole buffer), attention_mask
     None or the slot mask [B, L <= Lk] of :func:`slot_mask` (a plain [B, Lk] padding mask
     works too) -> (out [B, Lq, H, D], None). No host read on the hot path (see ``_layout``)."""
-    from sparse24.torch_ops import plan_unified_attention, unified_attention
-
     if kwargs.get("output_attentions"):
         raise ValueError("attn_implementation='sparse24' cannot return attention weights (output_attentions=True)")
     if dropout and module.training:
@@ -607,6 +610,7 @@ def attention_forward(
                                                                       dtype=query.dtype, device=query.device)
             if launch(query, key, value, layout.block_table, layout.cu_seqlens_q, layout.seq_lens, out):
                 return (torch.where(step.keep, out, step.fill) if scratch is not None else out), None
+    from sparse24.torch_ops import plan_unified_attention, unified_attention  # here: not on the direct path
     k_cache, pages_per_row = _paged_view(key)
     v_cache, v_pages_per_row = _paged_view(value)
     copied_value = v_pages_per_row != pages_per_row
