@@ -25,11 +25,14 @@ from sparse24.validation import (
     prepare_unified_attention,
 )
 
+from sparse24.kernels.launch import rebound_unified_attention_launches, unified_attention_launches
+
 from ._launch import (  # importing registers the ops
     _launch_unified,
     apply_row_fixup,
     launch_decode_mask_layout,
     launch_write_kv_cache,
+    unified_attention_call,
 )
 
 
@@ -326,10 +329,6 @@ class UnifiedAttentionPlan:
         ``row_fixup`` as in :meth:`direct`, and present exactly when it was there. The
         caller vouches that the new arrays meet the contract the plan checked (as for the
         plan: ``sparse24.hf`` builds them); they are not checked again."""
-        from sparse24.kernels.launch import rebound_unified_attention_launches, unified_attention_launches
-
-        from ._launch import unified_attention_call
-
         p, config, options = self.prepared, self.prepared.config, self.prepared.options
         if direct is None or (row_fixup is None) != ("row_keep" not in direct.fixed_names):
             return None
