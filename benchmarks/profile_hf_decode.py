@@ -131,7 +131,7 @@ def _insitu(model, ids, impl: str, args) -> None:
         patched += [(vars(hf), "_layout"), (vars(hf), "_fused_decode_step"), (vars(ops), "plan_unified_attention"),
                     (vars(api), "_launch_unified"), (vars(launch), "unified_attention_launches"),
                     (vars(launch), "_fast_launch"), (vars(hf), "_can_sync"), (vars(hf), "_rebound_step"),
-                    (vars(launch), "describe_unified_attention"), (vars(api), "launch_decode_mask_layout"),
+                    (vars(api), "launch_decode_mask_layout"),
                     (vars(description), "rebound_unified_attention_launches")]
     patched.insert(0, (vars(model), "forward"))  # the model's forward (instance attribute), host time
     model.forward = model.forward

@@ -415,23 +415,12 @@ def launch_unified_attention(
     )
 
 
-def describe_unified_attention(q, k_cache, v_cache, block_table, seq_lens, out, n, m, dense_sink_tokens,
-                               dense_recent_tokens, sparse_decode, causal, softmax_scale, window, softcap,
-                               max_seqlen_q, max_seqlen_k, num_kv_splits, store_lse, store_stats=False,
-                               row_fixup=False) -> tuple:
-    """The launch description (``unified_attention_launches``) of a call on these tensors
-    (their shapes, strides, dtypes and device; arguments as in :func:`launch_unified_attention`)."""
-    return unified_attention_launches(**unified_attention_call(
-        q, k_cache, v_cache, block_table, seq_lens, out, n, m, dense_sink_tokens, dense_recent_tokens,
-        sparse_decode, causal, softmax_scale, window, softcap, max_seqlen_q, max_seqlen_k, num_kv_splits,
-        store_lse, store_stats, row_fixup))
-
-
 def unified_attention_call(q, k_cache, v_cache, block_table, seq_lens, out, n, m, dense_sink_tokens,
                            dense_recent_tokens, sparse_decode, causal, softmax_scale, window, softcap,
                            max_seqlen_q, max_seqlen_k, num_kv_splits, store_lse, store_stats=False,
                            row_fixup=False) -> dict:
-    """The arguments of ``unified_attention_launches`` for a call on these tensors."""
+    """The arguments of ``unified_attention_launches`` for a call on these tensors (their
+    shapes, strides, dtypes and device; arguments as in :func:`launch_unified_attention`)."""
     return dict(
         q_shape=tuple(q.shape), dtype=dtype_str(q.dtype), cache_shape=tuple(k_cache.shape),
         num_seqs=seq_lens.shape[0], n=n, m=m, dense_sink_tokens=dense_sink_tokens,
@@ -456,11 +445,11 @@ def _launch_unified(state, q, k_cache, v_cache, block_table, cu_seqlens_q, seq_l
     slot = "launches_row_fixup" if row_fixup else "launches"
     launches = None if state is None else state.get(slot)
     if launches is None:
-        launches = describe_unified_attention(
+        launches = unified_attention_launches(**unified_attention_call(
             q, k_cache, v_cache, block_table, seq_lens, out, n, m, dense_sink_tokens, dense_recent_tokens,
             sparse_decode, causal, softmax_scale, window, softcap, max_seqlen_q, max_seqlen_k, num_kv_splits,
             store_lse, store_stats, row_fixup,
-        )
+        ))
         if state is not None:
             state[slot] = launches
     arrays = dict(q=q, k_cache=k_cache, v_cache=v_cache, block_table=block_table,
