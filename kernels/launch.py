@@ -303,13 +303,18 @@ def _key_side_layout(cache_shape, k_cache_strides, v_cache_strides, block_table_
     return ks, vs, bts
 
 
+# The unified kernel's cache and block-table stride parameters: what a key-side rebind
+# (``rebound_unified_attention_launches``) may change in the main launch, nothing else.
+KEY_SIDE_PARAMETERS = (
+    "stride_kc_block", "stride_kc_slot", "stride_kc_head", "stride_kc_dim",
+    "stride_vc_block", "stride_vc_slot", "stride_vc_head", "stride_vc_dim",
+    "stride_bt_seq", "stride_bt_page",
+)
+
+
 def _key_side_strides(ks: Shape, vs: Shape, bts: Shape) -> dict:
     """The unified kernel's cache and block-table stride parameters (the one mapping)."""
-    return dict(
-        stride_kc_block=ks[0], stride_kc_slot=ks[1], stride_kc_head=ks[2], stride_kc_dim=ks[3],
-        stride_vc_block=vs[0], stride_vc_slot=vs[1], stride_vc_head=vs[2], stride_vc_dim=vs[3],
-        stride_bt_seq=bts[0], stride_bt_page=bts[1],
-    )
+    return dict(zip(KEY_SIDE_PARAMETERS, (*ks[:4], *vs[:4], *bts[:2])))
 
 
 # What a key-side change may touch: the caches' page count (cache_shape[0]) and strides, the
@@ -317,14 +322,14 @@ def _key_side_strides(ks: Shape, vs: Shape, bts: Shape) -> dict:
 _KEY_SIDE = frozenset({"cache_shape", "k_cache_strides", "v_cache_strides", "block_table_strides", "max_seqlen_k"})
 
 
-def rebound_unified_attention_launches(launches: Sequence[KernelLaunch], **call) -> tuple[KernelLaunch, ...] | None:
-    """``unified_attention_launches(**call)`` made from ``launches`` (an earlier result of it)
-    where ``call`` differs from the arguments that described them on the key side only: the
-    caches' page count and strides, the block table's strides, ``max_seqlen_k`` (an HF dynamic
-    cache's next decode step), and the planner plans both calls alike. Then the stride
-    parameters are the only difference (the strides enter the description nowhere else), so
-    this is the described launches with those replaced: a planner call instead of a whole
-    description. None where anything else differs (then describe the call)."""
+def key_side_parameters(launches: Sequence[KernelLaunch], **call) -> dict | None:
+    """The stride parameters (``KEY_SIDE_PARAMETERS`` -> value) of ``call``'s main launch,
+    where ``call`` differs from the arguments that described ``launches`` (an earlier result
+    of :func:`unified_attention_launches`) on the key side only (the caches' page count and
+    strides, the block table's strides, ``max_seqlen_k``) and the planner plans both calls
+    alike (asked only where ``max_seqlen_k`` changed). Then ``unified_attention_launches(**call)``
+    is ``launches`` with the main launch's stride parameters replaced by these (the strides
+    enter the description nowhere else). None where anything else differs."""
     described_by = launches[0].described_by if launches else None
     if described_by is None:
         return None
@@ -338,11 +343,23 @@ def rebound_unified_attention_launches(launches: Sequence[KernelLaunch], **call)
         return None
     if call["max_seqlen_k"] != before["max_seqlen_k"] and _plan_of(call) != plan:
         return None
-    strides = _key_side_strides(*_key_side_layout(call["cache_shape"], call["k_cache_strides"],
-                                                  call["v_cache_strides"], call["block_table_strides"]))
+    return _key_side_strides(*_key_side_layout(call["cache_shape"], call["k_cache_strides"],
+                                               call["v_cache_strides"], call["block_table_strides"]))
+
+
+def rebound_unified_attention_launches(launches: Sequence[KernelLaunch], **call) -> tuple[KernelLaunch, ...] | None:
+    """``unified_attention_launches(**call)`` made from ``launches`` (an earlier result of it)
+    where :func:`key_side_parameters` applies (an HF dynamic cache's next decode step): the
+    described launches with the main launch's ``KEY_SIDE_PARAMETERS`` replaced (the others
+    are the very objects given), at most a planner call instead of a whole description.
+    None where anything else differs (then describe the call)."""
+    strides = key_side_parameters(launches, **call)
+    if strides is None:
+        return None
     main = launches[0]
     keywords = types.MappingProxyType({**main.keywords, **strides})
-    return (dataclasses.replace(main, keywords=keywords, described_by=(dict(call), plan)), *launches[1:])
+    return (dataclasses.replace(main, keywords=keywords, described_by=(dict(call), main.described_by[1])),
+            *launches[1:])
 
 
 def applies_row_fixup(launches: Sequence[KernelLaunch]) -> bool:
@@ -425,6 +442,9 @@ def decode_mask_layout_launches(
     batch, mask_len = (int(d) for d in mask_shape)
     width = max(int(kv_len), 1) if width is None else int(width)
     plan = planner.plan_decode_mask_layout(batch=batch, mask_len=mask_len, width=width)
+    call = dict(mask_shape=(batch, mask_len), mask_strides=tuple(int(s) for s in mask_strides),
+                signed_mask=bool(signed_mask), kv_len=int(kv_len), pages_per_row=int(pages_per_row),
+                out_dtype=out_dtype, width=width)
     launch = _launch(
         decode_mask_layout_kernel,
         plan.grid,
@@ -434,14 +454,41 @@ def decode_mask_layout_launches(
                  OutputSpec("keep_ptr", "keep", (batch,), "bool"),
                  OutputSpec("fill_ptr", "fill", (batch,), out_dtype)),
         keywords=dict(
-            mask_len=mask_len, kv_len=int(kv_len), width=width, pages_per_row=int(pages_per_row),
-            stride_mask_row=int(mask_strides[0]), stride_mask_slot=int(mask_strides[1]), stride_bt_row=width,
+            **_mask_layout_keywords(mask_len, mask_strides, kv_len, pages_per_row, width),
             SIGNED_MASK=bool(signed_mask), BLOCK_L=plan.block_l,
         ),
         num_warps=plan.num_warps,
         num_stages=plan.num_stages,
     )
-    return (launch,)
+    return (dataclasses.replace(launch, described_by=(call, plan)),)
+
+
+def _mask_layout_keywords(mask_len, mask_strides, kv_len, pages_per_row, width) -> dict:
+    """The mask-layout kernel's run-time parameters (the one mapping)."""
+    return dict(mask_len=int(mask_len), kv_len=int(kv_len), width=int(width), pages_per_row=int(pages_per_row),
+                stride_mask_row=int(mask_strides[0]), stride_mask_slot=int(mask_strides[1]), stride_bt_row=int(width))
+
+
+def mask_layout_parameters(launches: Sequence[KernelLaunch], **call) -> dict | None:
+    """The run-time parameters (name -> value) of ``decode_mask_layout_launches(**call)``,
+    where ``call`` differs from the arguments that described ``launches`` (an earlier result
+    of it) in the mask's length and strides, ``kv_len`` and ``pages_per_row`` only (the next
+    decode step of a growing cache: the same batch, mask kind, output dtype and block-table
+    width) and the planner plans both alike. Then the description is ``launches`` with these
+    keywords replaced (the same grid, constexprs and outputs). None where anything else
+    differs (then describe the call)."""
+    described_by = launches[0].described_by if len(launches) == 1 else None
+    if described_by is None:
+        return None
+    before, plan = described_by
+    width = max(int(call["kv_len"]), 1) if call.get("width") is None else int(call["width"])
+    if (call.keys() != before.keys() or width != before["width"] or call["signed_mask"] != before["signed_mask"]
+            or call["out_dtype"] != before["out_dtype"] or int(call["mask_shape"][0]) != before["mask_shape"][0]):
+        return None
+    batch, mask_len = (int(d) for d in call["mask_shape"])
+    if planner.plan_decode_mask_layout(batch=batch, mask_len=mask_len, width=width) != plan:
+        return None
+    return _mask_layout_keywords(mask_len, call["mask_strides"], call["kv_len"], call["pages_per_row"], width)
 
 
 def run_launches(

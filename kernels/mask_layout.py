@@ -24,7 +24,10 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
+# The scalars that follow the cache's length are not specialised (divisibility by 16, == 1):
+# consecutive decode steps of a growing cache then launch one compiled kernel, rebound
+# (``torch_ops._launch.DirectLaunch``), where L, L + 1 would alternate specialisations.
+@triton.jit(do_not_specialize=["mask_len", "kv_len", "pages_per_row", "stride_mask_row"])
 def decode_mask_layout_kernel(
     # ---- input arrays ----
     mask_ptr,  # [batch, mask_len] bool | int8 | int32 | int64 | float (slot mask)

@@ -266,6 +266,7 @@ class _Step(NamedTuple):
     keep: torch.Tensor | None
     fill: torch.Tensor | None
     nan_rows: torch.Tensor | None = None
+    layout_launch: object = None  # the fused layout's compiled launch: the next step's rebinds it
 
 
 def _decode_step(layout: _layouts.MaskLayout, batch: int, dtype: torch.dtype) -> _Step:
@@ -293,21 +294,26 @@ def _kernels_build_layouts(backend: str, device: torch.device) -> bool:
     return resolve_backend(backend, "torch", on_gpu=device.type == "cuda") != "reference"
 
 
-def _fused_decode_step(mask: torch.Tensor, batch: int, kv_len: int, pages_per_row: int, dtype: torch.dtype) -> _Step:
+def _fused_decode_step(mask: torch.Tensor, batch: int, kv_len: int, pages_per_row: int, dtype: torch.dtype,
+                       previous=None) -> _Step:
     """:func:`_decode_step` of :func:`sparse24.layouts.padding_mask_layout_torch` in one kernel
     launch (``torch_ops.decode_mask_layout``): the same block table (padded to a multiple of
     16 columns, each a valid page: the row stride keeps Triton's specialisation as the cache
-    grows, so the next step's launches rebind, ``_rebound_step``), lengths and fix-up."""
+    grows, so the next step's launches rebind, ``_rebound_step``), lengths and fix-up.
+    ``previous``: an earlier step's ``layout_launch`` (rebound for this one where it applies)."""
     from sparse24.torch_ops import decode_mask_layout
 
     width = -(-max(kv_len, 1) // 16) * 16
-    block_table, seq_lens, keep, fill = decode_mask_layout(mask, kv_len=kv_len, pages_per_row=pages_per_row,
-                                                           out_dtype=dtype, width=width)
+    (block_table, seq_lens, keep, fill), launch = decode_mask_layout(
+        mask, kv_len=kv_len, pages_per_row=pages_per_row, out_dtype=dtype, width=width, previous=previous,
+        with_launch=True)
     cu = _ARANGES.get((batch, mask.device))
     if cu is None:
         cu = _ARANGES[(batch, mask.device)] = torch.arange(batch + 1, dtype=torch.int32, device=mask.device)
-    layout = _layouts.MaskLayout(block_table, cu, seq_lens, None, None, None, None, 1, max(kv_len, 1))
-    return _Step(layout, keep.view(batch, 1, 1, 1), fill.view(batch, 1, 1, 1))
+    # the key-length bound is the table's width: it changes every 16 steps, not every step, so
+    # most steps' launches rebind without a planner call (rebound_unified_attention_launches)
+    layout = _layouts.MaskLayout(block_table, cu, seq_lens, None, None, None, None, 1, width)
+    return _Step(layout, keep.view(batch, 1, 1, 1), fill.view(batch, 1, 1, 1), None, launch)
 
 
 def _layout(attention_mask, position_ids, *, batch: int, q_len: int, kv_len: int, pages_per_row: int,
@@ -437,7 +443,7 @@ def _rebound_step(direct_key, query, key, value, attention_mask):
     template = _STEP_TEMPLATES.get(template_key)
     if template is None or attention_mask is None:
         return None, None
-    plan, launch = template
+    plan, launch, layout_launch = template
     batch, num_q_heads, _, head_dim = query.shape
     k_cache, pages_per_row = _paged_view(key)
     v_cache, v_pages_per_row = _paged_view(value)
@@ -445,7 +451,7 @@ def _rebound_step(direct_key, query, key, value, attention_mask):
         return None, None
     # a template exists only for compiled kernels (plan.direct), where _layout builds a decode
     # step's layout with the fused launch: that launch here (later layers take _DIRECT)
-    step = _fused_decode_step(attention_mask, batch, key.shape[2], pages_per_row, query.dtype)
+    step = _fused_decode_step(attention_mask, batch, key.shape[2], pages_per_row, query.dtype, layout_launch)
     layout = step.layout
     q_packed = _layouts.pack_padded_torch(query.transpose(1, 2), layout)  # [B, H, D]: row b is sequence b
     if q_packed.data_ptr() != query.data_ptr():  # a copy: the direct launches read query's own memory
@@ -458,7 +464,7 @@ def _rebound_step(direct_key, query, key, value, attention_mask):
         return None, None
     entry = (attention_mask, _version(attention_mask), step, rebound, None)
     _DIRECT.put(direct_key, entry)
-    _STEP_TEMPLATES.put(template_key, (plan, rebound))
+    _STEP_TEMPLATES.put(template_key, (plan, rebound, step.layout_launch))
     return entry, out
 
 
@@ -658,7 +664,7 @@ def attention_forward(
                 _DIRECT.put(direct_key, (attention_mask, _version(attention_mask), decode_step,
                                          launch, scratch))
                 if launch.row_fixup:  # the next steps' first layers rebind these launches (_rebound_step)
-                    _STEP_TEMPLATES.put(_template_key(direct_key), (plan, launch))
+                    _STEP_TEMPLATES.put(_template_key(direct_key), (plan, launch, decode_step.layout_launch))
     else:  # traced: no cache (the trace runs once)
         unified_attention(q_packed, k_cache, v_cache, *tables, out=out_packed, **options)
     out = _layouts.unpack_padded_torch(buffer, layout, (batch, q_len, num_q_heads, head_dim))

@@ -674,6 +674,34 @@ def test_gpu_direct_decode_launches_equal_the_plan(monkeypatch, config):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.int64], ids=["bool", "int64"])
+def test_gpu_decode_mask_layout_rebinds_the_previous_launch(mask_dtype):
+    """``decode_mask_layout(previous=)`` over 40 steps of a growing left-padded mask with a
+    hole (the table width crossing 16, 32, 48, 64): every step's outputs are bitwise those of a
+    fresh description, and every step whose width did not change launched the previous
+    step's compiled kernel with rebound scalars (the same described launch)."""
+    from sparse24.torch_ops import decode_mask_layout
+
+    mask = torch.ones(3, 9, dtype=mask_dtype, device="cuda")
+    mask[0, :4] = 0
+    mask[2, 5] = 0  # a hole: that row's fill is NaN
+    previous, rebound = None, 0
+    for _ in range(40):
+        mask = torch.cat([mask, mask.new_ones(3, 1)], 1)
+        kv_len = mask.shape[1]
+        width = -(-kv_len // 16) * 16
+        outputs, launch = decode_mask_layout(mask, kv_len=kv_len, pages_per_row=kv_len, out_dtype=torch.bfloat16,
+                                             width=width, previous=previous, with_launch=True)
+        want = decode_mask_layout(mask, kv_len=kv_len, pages_per_row=kv_len, out_dtype=torch.bfloat16, width=width)
+        for got, expected in zip(outputs, want):
+            torch.testing.assert_close(got, expected, rtol=0, atol=0, equal_nan=True)
+        assert launch is not None
+        rebound += previous is not None and launch.launch is previous.launch
+        previous = launch
+    assert rebound == 39 - 3  # all but the first step and the width changes (16 -> 32 -> 48 -> 64)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("config", [SparsityConfig.dense(), TWO_FOUR], ids=["dense", "2:4"])
 def test_gpu_rebound_decode_steps_equal_the_plan(monkeypatch, config):
     """Decode steps of a dynamic cache whose first layer rebinds the previous step's direct

@@ -426,6 +426,76 @@ def test_direct_launches_rebind_scalars_that_keep_their_specialization(monkeypat
     assert direct.rebind([launch(48), launch(48)], {}) is None
 
 
+def test_rebind_keywords_replaces_named_scalars_that_keep_their_specialization(monkeypatch):
+    """``DirectLaunches.rebind_keywords`` and ``DirectLaunch.rebind_keywords``: named run-time
+    scalars replaced in the compiled kernel's trailing arguments, each checked against the
+    described launch's value (48 keeps 32's divisibility by 16; 17 and 1 do not; a constexpr
+    never rebinds), buffers replaced by name as in ``rebind``; the source is unchanged and a
+    result rebinds again. ``DirectLaunch`` allocates its outputs from the description and
+    refuses (launches nothing) an input of another dtype. A fake kernel, as above."""
+    import types
+
+    import torch
+
+    from sparse24.torch_ops import _launch as TL
+
+    if TL._native_specialize is None:
+        pytest.skip("this Triton does not expose native_specialize_impl")
+    calls = []
+
+    class Compiled:
+        def __getitem__(self, grid):
+            return lambda *args: calls.append((grid, args))
+
+    def fake(names, constexprs):
+        class Kernel:
+            arg_names = names
+            params = [types.SimpleNamespace(name=n, is_constexpr=n in constexprs, is_const=False,
+                                            do_not_specialize=False, do_not_specialize_on_alignment=False)
+                      for n in names]
+
+            def __getitem__(self, grid):
+                return lambda *args, **kw: Compiled()
+        return Kernel()
+
+    monkeypatch.setattr(TL, "INTERPRETED", False)
+    monkeypatch.setattr(TL, "_COMPILED", {})
+    monkeypatch.setattr(TL, "_KEYWORDS", {})
+    device = torch.device("cpu")
+    # DirectLaunches: the attention launches of a plan
+    kernel = fake(["q_ptr", "row_keep_ptr", "n", "BLOCK"], {"BLOCK"})
+    first = L.KernelLaunch(kernel=kernel, grid=(2, 3), inputs=(("q_ptr", "q"), ("row_keep_ptr", "row_keep")),
+                           outputs=(), keywords={"n": 32, "BLOCK": 16}, num_warps=4, num_stages=1)
+    q, keep, keep2, other = torch.zeros(8), torch.zeros(8, dtype=torch.bool), torch.zeros(8, dtype=torch.bool), torch.zeros(8)
+    TL._run_one(first, [q, keep], {}, direct=True, device=device)
+    direct = TL.DirectLaunches.build([first], {"row_keep": keep}, device, {"q": q.dtype})
+    rebound = direct.rebind_keywords([{"n": 48}], {"row_keep": keep2})
+    assert rebound(q, other, other, other, other, other, other)
+    assert calls[-1] == ((2, 3, 1), (q.data_ptr(), keep2.data_ptr(), 48, 16))
+    assert direct(q, other, other, other, other, other, other)  # unchanged
+    assert calls[-1] == ((2, 3, 1), (q.data_ptr(), keep.data_ptr(), 32, 16))
+    assert rebound.rebind_keywords([{"n": 64}], {}) is not None and rebound.launches == (first,)
+    for refused in ({"n": 17}, {"n": 1}, {"BLOCK": 32}):
+        assert direct.rebind_keywords([refused], {}) is None
+    assert direct.rebind_keywords([{}, {}], {}) is None
+    assert direct.rebind_keywords([{"n": 48}], {"segm_acc": keep2}) is None
+    # DirectLaunch: one launch with outputs (the decode mask layout)
+    layout = fake(["mask_ptr", "out_ptr", "mask_len", "BLOCK_L"], {"BLOCK_L"})
+    launch = L.KernelLaunch(kernel=layout, grid=(4,), inputs=(("mask_ptr", "mask"),),
+                            outputs=(L.OutputSpec("out_ptr", "out", (4, 16), "int32"),),
+                            keywords={"mask_len": 32, "BLOCK_L": 64}, num_warps=1, num_stages=1)
+    mask = torch.zeros(4, 32, dtype=torch.bool)
+    (out,) = TL._run_one(launch, [mask], {}, direct=True, device=device)
+    one = TL.DirectLaunch.of(launch, (mask,), (out,), device)
+    assert TL.DirectLaunch.of(launch, (mask.float(),), (out,), device) is None  # not compiled for these dtypes
+    again = one.rebind_keywords({"mask_len": 48})
+    (fresh,) = again(mask)
+    assert fresh.shape == (4, 16) and fresh.dtype == torch.int32 and fresh.data_ptr() != out.data_ptr()
+    assert calls[-1] == ((4, 1, 1), (mask.data_ptr(), fresh.data_ptr(), 48, 64))
+    assert one.rebind_keywords({"mask_len": 47}) is None and one.rebind_keywords({"BLOCK_L": 128}) is None
+    assert again(mask.int()) is None and calls[-1][1][2] == 48  # another dtype: nothing launched
+
+
 def test_decode_steps_of_a_growing_cache_rebind_on_the_compiled_kernels():
     """The real kernels' descriptions of consecutive decode steps of a transformers dynamic
     cache (one-slot pages of a [B, H_kv, L, D] tensor, a [B, L] block table) differ in strides
@@ -501,6 +571,10 @@ def test_key_side_rebound_equals_the_description(shape):
                 continue
             assert got == want and [dict(g.keywords) for g in got] == [dict(w.keywords) for w in want]
             assert got[0].described_by[0] == _decode_call(length, **shape)
+            # the strides alone (what UnifiedAttentionPlan.rebind puts into the compiled launches)
+            strides = L.key_side_parameters(launches, **_decode_call(length, **shape))
+            assert set(strides) == set(L.KEY_SIDE_PARAMETERS)
+            assert {**launches[0].keywords, **strides} == dict(want[0].keywords)
             launches = got  # rebinds chain, as decode steps do
     assert refused < 10  # long contexts keep their plan
     launches = L.unified_attention_launches(**_decode_call(300, **shape))
@@ -509,3 +583,44 @@ def test_key_side_rebound_equals_the_description(shape):
         assert L.rebound_unified_attention_launches(launches, **_decode_call(301, **{**shape, **other})) is None
     assert L.rebound_unified_attention_launches(L.write_kv_cache_launches(
         kv_shape=(1, 8, 64), cache_shape=(10, 16, 8, 64), dtype="bfloat16"), **_decode_call(301, **shape)) is None
+    for other in (dict(q_strides=(4096, 64, 1)), dict(num_seqs=9)):
+        assert L.key_side_parameters(launches, **_decode_call(301, **{**shape, **other})) is None
+
+
+def _mask_call(length, *, batch=8, width=None, signed_mask=False, out_dtype="bfloat16"):
+    """decode_mask_layout_launches' arguments for one decode step of a transformers dynamic
+    cache: a [batch, L] slot mask of a growing cache, its table padded to ``width`` columns."""
+    width = -(-length // 16) * 16 if width is None else width
+    return dict(mask_shape=(batch, length), mask_strides=(length, 1), signed_mask=signed_mask, kv_len=length,
+                pages_per_row=length, out_dtype=out_dtype, width=width)
+
+
+def test_mask_layout_parameters_equal_the_description():
+    """``mask_layout_parameters`` from the decode mask layout's launch of length L gives the
+    run-time scalars of the description of the next lengths exactly (the description is the
+    old one with those keywords replaced: the same kernel, grid, arrays, outputs, constexprs,
+    warps, stages) while the block table's width and the plan stay, and refuses (None) where
+    the width, batch, mask kind or output dtype changes."""
+    import dataclasses
+
+    checked = 0
+    for start in (1, 17, 1000, 4097):
+        launches = L.decode_mask_layout_launches(**_mask_call(start))
+        width = _mask_call(start)["width"]
+        for length in range(start + 1, start + 20):
+            call = _mask_call(length)
+            params = L.mask_layout_parameters(launches, **call)
+            want = L.decode_mask_layout_launches(**call)[0]
+            same = call["width"] == width and want.keywords["BLOCK_L"] == launches[0].keywords["BLOCK_L"]
+            assert (params is not None) == same, (start, length)
+            if params is None:
+                continue
+            checked += 1
+            got = dataclasses.replace(launches[0], keywords={**launches[0].keywords, **params})
+            assert got == want and dict(got.keywords) == dict(want.keywords)
+    assert checked > 30
+    launches = L.decode_mask_layout_launches(**_mask_call(20))
+    for other in (dict(width=48), dict(batch=9), dict(signed_mask=True), dict(out_dtype="float32")):
+        assert L.mask_layout_parameters(launches, **_mask_call(21, **other)) is None
+    assert L.mask_layout_parameters(L.write_kv_cache_launches(
+        kv_shape=(1, 8, 64), cache_shape=(10, 16, 8, 64), dtype="bfloat16"), **_mask_call(21)) is None

@@ -27,6 +27,7 @@ from sparse24.kernels.launch import (
     KernelLaunch,
     applies_row_fixup,
     decode_mask_layout_launches,
+    mask_layout_parameters,
     run_launches,
     unified_attention_launches,
     write_kv_cache_launches,
@@ -93,13 +94,13 @@ except ImportError:  # another Triton: no reuse across descriptions (each first 
     _native_specialize = None
 
 
-_KEYWORDS: dict = {}  # (id(kernel), number of arrays) -> (kernel, names, getter, params)
+_KEYWORDS: dict = {}  # (id(kernel), number of arrays) -> (kernel, names, getter, params, positions)
 
 
 def _keyword_table(launch: KernelLaunch) -> tuple:
     """(keyword names in the kernel's order, a getter of their values from ``keywords``
-    as a tuple, their Triton parameters or None where the kernel object has none), per kernel
-    and array count, computed once."""
+    as a tuple, their Triton parameters or None where the kernel object has none, each
+    name's position in that order), per kernel and array count, computed once."""
     n_arrays = len(launch.inputs) + len(launch.outputs)
     entry = _KEYWORDS.get((id(launch.kernel), n_arrays))
     if entry is None or entry[0] is not launch.kernel:
@@ -109,7 +110,8 @@ def _keyword_table(launch: KernelLaunch) -> tuple:
         params = getattr(launch.kernel, "params", None)
         by_name = None if params is None else {p.name: p for p in params}
         entry = _KEYWORDS[(id(launch.kernel), n_arrays)] = (
-            launch.kernel, names, getter, None if by_name is None else tuple(by_name[n] for n in names))
+            launch.kernel, names, getter, None if by_name is None else tuple(by_name[n] for n in names),
+            {n: i for i, n in enumerate(names)})
     return entry[1:]
 
 
@@ -126,7 +128,7 @@ def _specialization(launch: KernelLaunch) -> tuple | None:
     """The key Triton's JIT compiles the described launch under, less the arrays: the kernel,
     each keyword's specialisation in the kernel's order, warps and stages. None where this
     Triton or this kernel object does not expose it (then no reuse)."""
-    _, getter, params = _keyword_table(launch)
+    _, getter, params, _ = _keyword_table(launch)
     if _native_specialize is None or params is None:
         return None
     spec = tuple(map(_specialize, params, getter(launch.keywords)))
@@ -292,7 +294,7 @@ class DirectLaunches:
         would pick another compiled kernel (the caller then takes the plan's path, which
         does). No compilation, no driver call: tens of microseconds of Python."""
         launches = tuple(launches)
-        if len(launches) != len(self.launches) or not set(buffers) <= set(self.fixed_names):
+        if len(launches) != len(self.launches):
             return None
         trailing = []
         for old, new in zip(self.launches, launches):
@@ -306,6 +308,31 @@ class DirectLaunches:
             if values is None:
                 return None
             trailing.append(values)
+        return self._with(trailing, buffers, launches)
+
+    def rebind_keywords(self, keywords, buffers: dict) -> "DirectLaunches | None":
+        """These launches with some run-time scalars replaced: ``keywords[i]`` {name: value}
+        for launch i (empty: unchanged), where the caller knows that the description of the
+        new call is exactly this one's with those values (``sparse24.kernels.launch.
+        key_side_parameters``: a decode step's new cache strides), ``buffers`` as in
+        :meth:`rebind`. Each value is checked against the described launch's (``launches``,
+        whose specialisation picked the compiled kernels; a result keeps its source's
+        ``launches``): None where one is a constexpr or is specialised otherwise."""
+        if len(keywords) != len(self.launches):
+            return None
+        trailing = []
+        for launch, step, changes in zip(self.launches, self.steps, keywords):
+            values = _replaced_keywords(launch, changes, step[2]) if changes else step[2]
+            if values is None:
+                return None
+            trailing.append(values)
+        return self._with(trailing, buffers, self.launches)
+
+    def _with(self, trailing, buffers: dict, launches) -> "DirectLaunches | None":
+        """A copy with new trailing arguments per launch (None: unchanged) and fixed buffers
+        replaced by name; None for an unknown buffer name."""
+        if not set(buffers) <= set(self.fixed_names):
+            return None
         steps = tuple(s if t is None else (s[0], s[1], t) for s, t in zip(self.steps, trailing))
         bare = None if self.bare is None else tuple(b if t is None else (*b[:4], t) for b, t in zip(self.bare, trailing))
         kept = tuple(buffers.get(n, b) for n, b in zip(self.fixed_names, self.keep_alive))
@@ -328,25 +355,100 @@ class DirectLaunches:
         return True
 
 
+class DirectLaunch:
+    """One described launch of a compiled kernel, called with its input tensors and nothing
+    between the caller and Triton's launcher but the arguments (the outputs are allocated
+    from the description's shapes): ``DirectLaunch.of`` after ``_fast_launch`` ran it,
+    ``rebind_keywords`` for the next call of the same form. The decode mask layout of
+    ``sparse24.hf``'s steps (``launch_decode_mask_layout(..., previous=)``)."""
+
+    __slots__ = ("launch", "runner", "bare", "trailing", "device", "key")
+
+    def __init__(self, launch, runner, bare, trailing, device, key):
+        self.launch, self.runner, self.bare, self.trailing = launch, runner, bare, trailing
+        self.device, self.key = device, key  # key: (dtype, 16-byte aligned) of each input
+
+    @classmethod
+    def of(cls, launch: KernelLaunch, inputs: tuple, outputs: tuple, device: torch.device) -> "DirectLaunch | None":
+        """The compiled kernel ``_fast_launch`` kept for ``launch`` on arrays like these
+        (dtypes, alignment, device; the outputs: fresh allocations, as ``__call__`` makes
+        them), or None where there is none. The C launcher where it fits (``_bare_launch``),
+        else Triton's runner."""
+        entry = _COMPILED.get(id(launch))
+        if entry is None or entry[0] is not launch:
+            return None
+        key = tuple((a.dtype, a.data_ptr() % 16 == 0) for a in (*inputs, *outputs))
+        compiled = entry[2].get((device.index, *key))
+        if compiled is None:
+            return None
+        bare = _bare_launch(compiled, entry[3]) if device.type == "cuda" else None
+        return cls(launch, compiled[entry[3]], bare, entry[1], device, key[:len(inputs)])
+
+    def rebind_keywords(self, changes) -> "DirectLaunch | None":
+        """The same compiled kernel with the run-time scalars ``changes`` {name: value} (as in
+        ``DirectLaunches.rebind_keywords``; the caller knows the new call's description is this
+        one's with those values), or None."""
+        values = _replaced_keywords(self.launch, changes, self.trailing)
+        return None if values is None else DirectLaunch(self.launch, self.runner, self.bare, values, self.device,
+                                                        self.key)
+
+    def __call__(self, *inputs) -> tuple | None:
+        """Launch on ``inputs`` (tensors in the description's order); returns the new outputs,
+        or None (nothing launched) where an input's dtype or alignment is not the kernel's."""
+        pointers = [a.data_ptr() for a in inputs]
+        if any(a.dtype != dtype or (p % 16 == 0) != aligned for a, p, (dtype, aligned) in zip(inputs, pointers, self.key)):
+            return None
+        outputs = tuple(torch.empty(o.shape, dtype=_TORCH_DTYPES[o.dtype], device=self.device)
+                        for o in self.launch.outputs)
+        pointers += [o.data_ptr() for o in outputs]
+        if self.bare is not None and _no_launch_hooks():
+            launcher, grid, head = self.bare
+            index = self.device.index if self.device.index is not None else 0
+            launcher(*grid, _current_raw_stream(index), *head, *pointers, *self.trailing)
+        else:
+            self.runner(*pointers, *self.trailing)
+        return outputs
+
+
+def _keeps_specialization(param, before, after) -> bool:
+    """A keyword's new value ``after`` launches the kernel compiled for ``before``: equal, or a
+    run-time int / float scalar that Triton's JIT specialises as it did ``before``."""
+    if before == after and type(before) is type(after):
+        return True
+    if param.is_constexpr or type(before) is not type(after) or isinstance(before, bool):
+        return False
+    if isinstance(before, int):
+        return _specialize(param, before) == _specialize(param, after)
+    return isinstance(before, float)
+
+
 def _rebound_keywords(old: KernelLaunch, new: KernelLaunch) -> tuple | None:
     """``new``'s keywords in the kernel's order (the launcher's trailing arguments), where
     ``new`` differs from ``old`` in non-constexpr scalars only and each changed scalar keeps
     the specialisation Triton's JIT gave the old value; else None."""
-    _, getter, params = _keyword_table(old)
+    _, getter, params, _ = _keyword_table(old)
     if _native_specialize is None or params is None:
         return None
-    before_all, after_all = getter(old.keywords), getter(new.keywords)
-    for param, before, after in zip(params, before_all, after_all):
-        if before == after and type(before) is type(after):
-            continue
-        if param.is_constexpr or type(before) is not type(after) or isinstance(before, bool):
+    after_all = getter(new.keywords)
+    if all(map(_keeps_specialization, params, getter(old.keywords), after_all)):
+        return after_all
+    return None
+
+
+def _replaced_keywords(launch: KernelLaunch, changes, trailing: tuple) -> tuple | None:
+    """``trailing`` (keywords in the kernel's order, of a launch that runs ``launch``'s
+    compiled kernel) with ``changes`` {name: value} put in, each value checked against
+    ``launch``'s as in :func:`_rebound_keywords`; else None."""
+    _, _, params, positions = _keyword_table(launch)
+    if _native_specialize is None or params is None:
+        return None
+    values = list(trailing)
+    for name, after in changes.items():
+        i = positions[name]
+        if not _keeps_specialization(params[i], launch.keywords[name], after):
             return None
-        if isinstance(before, int):
-            if _specialize(param, before) != _specialize(param, after):
-                return None
-        elif not isinstance(before, float):
-            return None
-    return after_all
+        values[i] = after
+    return tuple(values)
 
 
 def _run_one(launch: KernelLaunch, inputs: list, env: dict, *, direct: bool, device: torch.device,
@@ -481,18 +583,31 @@ def launch_write_kv_cache(
 
 
 def launch_decode_mask_layout(mask: torch.Tensor, kv_len: int, pages_per_row: int, out_dtype: torch.dtype,
-                              direct: bool = True, width: int | None = None
-                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                              direct: bool = True, width: int | None = None, previous: DirectLaunch | None = None
+                              ) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+                                         DirectLaunch | None]:
     """One launch: the decode layout of a slot mask ``mask [B, L]`` (bool, or signed: < 0 not
-    written) -> ``(block_table i32 [B, width], seq_lens i32 [B], keep bool [B], fill [B]
-    out_dtype)`` (``sparse24.kernels.mask_layout``; width None: max(kv_len, 1)). Eager, no
-    validation here."""
-    launches = decode_mask_layout_launches(
-        mask_shape=tuple(mask.shape), mask_strides=tuple(mask.stride()), signed_mask=mask.dtype != torch.bool,
-        kv_len=int(kv_len), pages_per_row=int(pages_per_row), out_dtype=dtype_str(out_dtype), width=width,
-    )
+    written) -> ``((block_table i32 [B, width], seq_lens i32 [B], keep bool [B], fill [B]
+    out_dtype), direct)`` (``sparse24.kernels.mask_layout``; width None: max(kv_len, 1)).
+    ``direct``: the compiled launch as a :class:`DirectLaunch` (None for interpreted kernels or
+    off CUDA); given back as ``previous`` by the next call of a growing cache, it launches
+    with its run-time scalars rebound (``mask_layout_parameters``) instead of a new
+    description, where that applies. Eager, no validation here."""
+    call = dict(mask_shape=tuple(mask.shape), mask_strides=tuple(mask.stride()), signed_mask=mask.dtype != torch.bool,
+                kv_len=int(kv_len), pages_per_row=int(pages_per_row), out_dtype=dtype_str(out_dtype), width=width)
+    if previous is not None:
+        changes = mask_layout_parameters((previous.launch,), **call)
+        rebound = None if changes is None else previous.rebind_keywords(changes)
+        outputs = None if rebound is None else rebound(mask)
+        if outputs is not None:
+            return outputs, rebound
+    launches = decode_mask_layout_launches(**call)
     env = run_launches(launches, {"mask": mask}, functools.partial(_run_one, direct=direct, device=mask.device))
-    return env["block_table"], env["seq_lens"], env["keep"], env["fill"]
+    outputs = env["block_table"], env["seq_lens"], env["keep"], env["fill"]
+    kept = None
+    if direct and FAST_LAUNCH and not INTERPRETED and len(launches) == 1:
+        kept = DirectLaunch.of(launches[0], (mask,), outputs, mask.device)
+    return outputs, kept
 
 
 # The ops are the launch functions themselves (their schema carries ``direct``, always False

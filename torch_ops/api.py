@@ -25,11 +25,16 @@ from sparse24.validation import (
     prepare_unified_attention,
 )
 
-from sparse24.kernels.launch import rebound_unified_attention_launches, unified_attention_launches
+from sparse24.kernels.launch import (
+    key_side_parameters,
+    rebound_unified_attention_launches,
+    unified_attention_launches,
+)
 
 from ._launch import (  # importing registers the ops
     _launch_unified,
     apply_row_fixup,
+    DirectLaunch,
     launch_decode_mask_layout,
     launch_write_kv_cache,
     unified_attention_call,
@@ -338,8 +343,14 @@ class UnifiedAttentionPlan:
             options.softcap, p.max_seqlen_q, int(max_seqlen_k), p.num_kv_splits, False, False, row_fixup is not None,
         )
         # a key-side change (the usual case) re-describes from the launches; anything else describes anew
-        launches = rebound_unified_attention_launches(direct.launches, **call) or unified_attention_launches(**call)
         buffers = {} if row_fixup is None else dict(row_keep=row_fixup[0], row_fill=row_fixup[1])
+        described = direct.launches[0].described_by if direct.launches else None
+        if described is not None and described[0]["max_seqlen_k"] == call["max_seqlen_k"]:
+            strides = key_side_parameters(direct.launches, **call)  # the same plan: the strides alone change
+            if strides is not None:
+                return direct.rebind_keywords((strides,) + ({},) * (len(direct.launches) - 1), buffers)
+        # another key-length bound (the planner plans it) or another form: re-described
+        launches = rebound_unified_attention_launches(direct.launches, **call) or unified_attention_launches(**call)
         return direct.rebind(launches, buffers)
 
     def __call__(self, q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, *, out=None, row_fixup=None):
@@ -501,7 +512,7 @@ def write_kv_cache(
 
 
 def decode_mask_layout(mask: torch.Tensor, *, kv_len: int, pages_per_row: int, out_dtype: torch.dtype,
-                       width: int | None = None):
+                       width: int | None = None, previous=None, with_launch: bool = False):
     """The decode (one query per row) layout of a transformers slot mask in one Triton launch
     (``sparse24.kernels.mask_layout``; eager, compiled or interpreted kernels only).
 
@@ -515,16 +526,26 @@ def decode_mask_layout(mask: torch.Tensor, *, kv_len: int, pages_per_row: int, o
         past a row's keys hold its last slot's page. ``sparse24.hf`` rounds it up to a
         multiple of 16, so the table's row stride keeps Triton's specialisation from one
         decode step to the next (``UnifiedAttentionPlan.rebind``).
+      previous: None, or the launch an earlier call returned (``with_launch``): this call
+        then launches that compiled kernel with its run-time scalars rebound where only the
+        mask's length and strides, ``kv_len`` and ``pages_per_row`` changed (the next decode
+        step of a growing cache; ``mask_layout_parameters``), else as without it.
+      with_launch: also return this call's compiled launch (a ``torch_ops._launch.DirectLaunch``,
+        or None for interpreted kernels or off CUDA), for the next call's ``previous``.
 
     Returns:
       ``(block_table i32 [batch, width], seq_lens i32 [batch], keep bool [batch],
       fill [batch] out_dtype)``: what ``padding_mask_layout_torch`` and the decode fix-up of
       ``sparse24.hf`` compute (``block_table[:, :kv_len]``; ``keep``: the row's query slot is
-      real and its real tokens are contiguous; ``fill``: NaN for a row with holes, else 0).
+      real and its real tokens are contiguous; ``fill``: NaN for a row with holes, else 0);
+      with ``with_launch``: ``(that tuple, launch)``.
     """
     if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or not 1 <= mask.shape[1] <= kv_len:
         got = list(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
         raise ValueError(f"mask must be a tensor [batch, L] with 1 <= L <= kv_len = {kv_len}, got {got}")
     if width is not None and (isinstance(width, bool) or not isinstance(width, int) or width < max(kv_len, 1)):
         raise ValueError(f"width must be None or an int >= max(kv_len, 1) = {max(kv_len, 1)}, got {width!r}")
-    return launch_decode_mask_layout(mask, kv_len, pages_per_row, out_dtype, width=width)
+    if previous is not None and not isinstance(previous, DirectLaunch):
+        raise TypeError(f"previous must be None or the launch of an earlier with_launch call, got {type(previous).__name__}")
+    outputs, launch = launch_decode_mask_layout(mask, kv_len, pages_per_row, out_dtype, width=width, previous=previous)
+    return (outputs, launch) if with_launch else outputs
