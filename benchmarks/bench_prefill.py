@@ -44,8 +44,11 @@ SPARSE24 = {
     "sparse24-dense": SparsityConfig.dense(),
     "sparse24-2:4": SparsityConfig(),
     "sparse24-2:4-recent0": SparsityConfig(dense_recent_tokens=0),
+    # M=8, on request (--providers): not in the default suite
+    "sparse24-4:8": SparsityConfig(n=4, m=8),
+    "sparse24-2:8": SparsityConfig(n=2, m=8),
 }
-PROVIDERS = list(SPARSE24) + ["sdpa-flash", "sdpa-cudnn", "flex"]
+PROVIDERS = ["sparse24-dense", "sparse24-2:4", "sparse24-2:4-recent0", "sdpa-flash", "sdpa-cudnn", "flex"]
 SHAPES = {  # name -> (sequence lengths, Hq, Hkv, D, causal)
     "gqa4k": ([4096], 32, 8, 128, True),
     "gqa16k": ([16384], 32, 8, 128, True),
@@ -298,7 +301,7 @@ def run_sweep(shape_names: list[str], providers: list[str], env: dict, rep: int,
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", default=",".join(SHAPES), help=f"comma list of {list(SHAPES)}")
-    parser.add_argument("--providers", default=",".join(PROVIDERS), help=f"comma list of {PROVIDERS}")
+    parser.add_argument("--providers", default=",".join(PROVIDERS), help=f"comma list of {PROVIDERS} (also {[p for p in SPARSE24 if p not in PROVIDERS]})")
     parser.add_argument("--sweep", action="store_true", help="sweep the launch parameters of the sparse24 providers")
     parser.add_argument("--sweep-grid", default=None,
                         help="--sweep: the grid, e.g. 'block_m=128,256;tile_n=64,128;num_warps=4,8;num_stages=2' "

@@ -355,6 +355,49 @@ def ptx_digests() -> int:
     return 0
 
 
+def sass_loops() -> int:
+    """``python tests/compile_sm90.py --sass-loops``: the SASS of the prefill plans (bf16,
+    causal, H 32/8 D 128 and H 16/16 D 64, dense and every N:M), disassembled with the
+    ``nvdisasm`` of the triton wheel: per key-tile loop (a backward branch), its instruction
+    count per thread and the most frequent opcodes. The unmasked middle loop is the second
+    one listed. Not part of CI (benchmarks/NOTES.md, session 13, reads these counts)."""
+    import collections
+    import os
+    import re
+    import subprocess
+    import tempfile
+
+    nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
+    flags = dict(PLAIN_FLAGS, use_recent=False)
+    for (n, m), head_dim, qpk in itertools.product(((4, 4), (2, 4), (1, 4), (3, 4), (4, 8), (2, 8)), (128, 64), (4, 1)):
+        if (head_dim == 64) != (qpk == 1):
+            continue
+        plan = plan_unified_attention(num_tokens=16384, num_seqs=1, dtype="bfloat16", max_seqlen_k=16384, n=n, m=m,
+                                      head_dim=head_dim, max_seqlen_q=16384, num_q_heads=8 * qpk, num_kv_heads=8,
+                                      num_sms=132)
+        label = f"{n}:{m} D={head_dim} {plan.block_m}x{plan.tile_n} {plan.num_warps} warps"
+        compiled = compile_one(unified_attention_kernel, "bfloat16", plan.kernel_constexprs(**flags), label)
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+            cubin.write(compiled.asm["cubin"])
+            cubin.flush()
+            sass = subprocess.run([nvdisasm, "-c", cubin.name], capture_output=True, text=True, check=True).stdout
+        instructions, labels = [], {}
+        for line in sass.splitlines():
+            if (mark := re.match(r"\s*\.(L_x_\d+):", line)) is not None:
+                labels[mark.group(1)] = len(instructions)
+            elif (ins := re.match(r"\s*/\*[0-9a-f]{4,}\*/\s+(.*?);", line)) is not None:
+                instructions.append(ins.group(1).strip())
+        for end, ins in enumerate(instructions):
+            target = re.search(r"\bBRA\b.*?`\(\.(L_x_\d+)\)", ins)
+            start = labels.get(target.group(1), end) if target else end
+            if start < end and end - start > 64:  # a key-tile loop (not the block-table prefetch)
+                ops = collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", i).split()[0].split(".")[0]
+                                          for i in instructions[start:end + 1])
+                print(f"  loop of {end - start + 1} instructions: "
+                      + ", ".join(f"{k} {v}" for k, v in ops.most_common(10)), flush=True)
+    return 0
+
+
 def sweep() -> int:
     """``python tests/compile_sm90.py --sweep``: compile every distinct plan the planner makes over
     dtype x N:M x head_dim x H_q/H_kv x max_seqlen_q (125 plans; 10 minutes on 2 CPU cores with part cached;
@@ -386,4 +429,6 @@ def sweep() -> int:
 if __name__ == "__main__":
     if "--ptx-digest" in sys.argv[1:]:
         sys.exit(ptx_digests())
+    if "--sass-loops" in sys.argv[1:]:
+        sys.exit(sass_loops())
     sys.exit(sweep() if "--sweep" in sys.argv[1:] else main())
