@@ -38,7 +38,8 @@ also when all M scores are equal or all are -inf. Truth table for M=4, N=2::
     [-inf, 2, -inf, -inf]    [1, 1, 0, 0]   (key 4g+1 and the first -inf;
                                              the -inf one is invisible, so not kept)
 
-Each pair of members is compared once (6 comparisons per group of 4, 28 per group of 8).
+Each pair of members is compared once (6 comparisons per group of 4, 28 per group of 8); M=8
+adds up its eight ranks in one integer of 4-bit fields (:func:`select_of_8`).
 
 Imports triton only.
 """
@@ -121,11 +122,6 @@ def _maj(x, y, z):
 
 
 @triton.jit
-def _i(x):
-    return x.to(tl.int32)
-
-
-@triton.jit
 def _at_least3(x, y, z, T: tl.constexpr):
     """True where at least ``T`` (1..3) of the three flags are true (one 3-input logic op)."""
     if T == 3:
@@ -156,47 +152,37 @@ def select_of_4(s0, s1, s2, s3, N_KEEP: tl.constexpr):
 
 
 @triton.jit
+def _beaten_by(c, i: tl.constexpr, j: tl.constexpr):
+    """Member j's (c: i outranks j) or else member i's rank field gains one: the difference
+    16**j - 16**i where i wins (see :func:`select_of_8`)."""
+    return tl.where(c, (1 << (4 * j)) - (1 << (4 * i)), 0)
+
+
+@triton.jit
 def select_of_8(s0, s1, s2, s3, s4, s5, s6, s7, N_KEEP: tl.constexpr):
-    """Selected flags of the members of groups of 8 (keys 8g+0 .. 8g+7), elementwise."""
-    c01 = _i(s0 >= s1)
-    c02 = _i(s0 >= s2)
-    c03 = _i(s0 >= s3)
-    c04 = _i(s0 >= s4)
-    c05 = _i(s0 >= s5)
-    c06 = _i(s0 >= s6)
-    c07 = _i(s0 >= s7)
-    c12 = _i(s1 >= s2)
-    c13 = _i(s1 >= s3)
-    c14 = _i(s1 >= s4)
-    c15 = _i(s1 >= s5)
-    c16 = _i(s1 >= s6)
-    c17 = _i(s1 >= s7)
-    c23 = _i(s2 >= s3)
-    c24 = _i(s2 >= s4)
-    c25 = _i(s2 >= s5)
-    c26 = _i(s2 >= s6)
-    c27 = _i(s2 >= s7)
-    c34 = _i(s3 >= s4)
-    c35 = _i(s3 >= s5)
-    c36 = _i(s3 >= s6)
-    c37 = _i(s3 >= s7)
-    c45 = _i(s4 >= s5)
-    c46 = _i(s4 >= s6)
-    c47 = _i(s4 >= s7)
-    c56 = _i(s5 >= s6)
-    c57 = _i(s5 >= s7)
-    c67 = _i(s6 >= s7)
-    # rank_r = members outranking r = (outranked by lower ones) + (losses to higher ones)
-    r0 = 7 - (c01 + c02 + c03 + c04 + c05 + c06 + c07)
-    r1 = c01 + 6 - (c12 + c13 + c14 + c15 + c16 + c17)
-    r2 = c02 + c12 + 5 - (c23 + c24 + c25 + c26 + c27)
-    r3 = c03 + c13 + c23 + 4 - (c34 + c35 + c36 + c37)
-    r4 = c04 + c14 + c24 + c34 + 3 - (c45 + c46 + c47)
-    r5 = c05 + c15 + c25 + c35 + c45 + 2 - (c56 + c57)
-    r6 = c06 + c16 + c26 + c36 + c46 + c56 + 1 - c67
-    r7 = c07 + c17 + c27 + c37 + c47 + c57 + c67
-    return (r0 < N_KEEP, r1 < N_KEEP, r2 < N_KEEP, r3 < N_KEEP,
-            r4 < N_KEEP, r5 < N_KEEP, r6 < N_KEEP, r7 < N_KEEP)
+    """Selected flags of the members of groups of 8 (keys 8g+0 .. 8g+7), elementwise.
+
+    The eight ranks are counted in one int32 of 4-bit fields (member r's rank in bits
+    4r .. 4r+3): each of the 28 pairs i < j adds one to the loser's field, i.e. the base
+    ``sum_i (7 - i) * 16**i`` (every pair counted for its lower member) plus
+    ``16**j - 16**i`` where i outranks j. The base also adds 8 - N_KEEP to every field, so
+    a field's bit 3 is set exactly when its rank is >= N_KEEP (ranks are <= 7, fields never
+    carry into each other; additions wrap mod 2**32 and the final value is exact).
+    """
+    BASE: tl.constexpr = (15 - N_KEEP) * 0x11111111 - 0x76543210  # field i: (7 - i) + (8 - N_KEEP)
+    r = tl.full(s0.shape, BASE, tl.int32)  # BASE < 2**31 for N_KEEP >= 1
+    r += _beaten_by(s0 >= s1, 0, 1) + _beaten_by(s0 >= s2, 0, 2) + _beaten_by(s0 >= s3, 0, 3)
+    r += _beaten_by(s0 >= s4, 0, 4) + _beaten_by(s0 >= s5, 0, 5) + _beaten_by(s0 >= s6, 0, 6)
+    r += _beaten_by(s0 >= s7, 0, 7) + _beaten_by(s1 >= s2, 1, 2) + _beaten_by(s1 >= s3, 1, 3)
+    r += _beaten_by(s1 >= s4, 1, 4) + _beaten_by(s1 >= s5, 1, 5) + _beaten_by(s1 >= s6, 1, 6)
+    r += _beaten_by(s1 >= s7, 1, 7) + _beaten_by(s2 >= s3, 2, 3) + _beaten_by(s2 >= s4, 2, 4)
+    r += _beaten_by(s2 >= s5, 2, 5) + _beaten_by(s2 >= s6, 2, 6) + _beaten_by(s2 >= s7, 2, 7)
+    r += _beaten_by(s3 >= s4, 3, 4) + _beaten_by(s3 >= s5, 3, 5) + _beaten_by(s3 >= s6, 3, 6)
+    r += _beaten_by(s3 >= s7, 3, 7) + _beaten_by(s4 >= s5, 4, 5) + _beaten_by(s4 >= s6, 4, 6)
+    r += _beaten_by(s4 >= s7, 4, 7) + _beaten_by(s5 >= s6, 5, 6) + _beaten_by(s5 >= s7, 5, 7)
+    r += _beaten_by(s6 >= s7, 6, 7)
+    return ((r & 0x8) == 0, (r & 0x80) == 0, (r & 0x800) == 0, (r & 0x8000) == 0,
+            (r & 0x80000) == 0, (r & 0x800000) == 0, (r & 0x8000000) == 0, r >= 0)
 
 
 @triton.jit
