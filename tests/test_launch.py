@@ -369,6 +369,27 @@ def test_direct_launches_call_the_c_launcher_on_the_current_stream(monkeypatch):
     assert [c[0] for c in calls] == ["runner"]
 
 
+def _fake_kernel(names, constexprs, calls: list):
+    """A stand-in for a compiled Triton kernel with Triton's parameter attributes: launching
+    it (``kernel[grid](...)``) returns a compiled kernel whose launches append
+    ``(grid, arguments)`` to ``calls``."""
+    import types
+
+    class Compiled:
+        def __getitem__(self, grid):
+            return lambda *args: calls.append((grid, args))
+
+    class Kernel:
+        arg_names = list(names)
+        params = [types.SimpleNamespace(name=n, is_constexpr=n in constexprs, is_const=False, do_not_specialize=False,
+                                        do_not_specialize_on_alignment=False) for n in names]
+
+        def __getitem__(self, grid):
+            return lambda *args, **kw: Compiled()
+
+    return Kernel()
+
+
 def test_direct_launches_rebind_scalars_that_keep_their_specialization(monkeypatch):
     """``DirectLaunches.rebind``: a description that differs in run-time scalars only, each
     specialised by Triton as before (48 and 32 are both divisible by 16), launches the same
@@ -377,8 +398,6 @@ def test_direct_launches_rebind_scalars_that_keep_their_specialization(monkeypat
     unknown buffer name refuses (None). The object rebound from is unchanged. (A fake kernel
     with Triton's parameter attributes; the real kernels: the subprocess test below, and
     tests/test_hf.py's GPU comparison.)"""
-    import types
-
     import torch
 
     from sparse24.torch_ops import _launch as TL
@@ -387,23 +406,11 @@ def test_direct_launches_rebind_scalars_that_keep_their_specialization(monkeypat
         pytest.skip("this Triton does not expose native_specialize_impl")
     calls = []
 
-    class Compiled:
-        def __getitem__(self, grid):
-            return lambda *args: calls.append((grid, args))
-
-    class Kernel:
-        arg_names = ["q_ptr", "row_keep_ptr", "n", "BLOCK"]
-        params = [types.SimpleNamespace(name=n, is_constexpr=n == "BLOCK", is_const=False, do_not_specialize=False,
-                                        do_not_specialize_on_alignment=False) for n in arg_names]
-
-        def __getitem__(self, grid):
-            return lambda *args, **kw: Compiled()
-
     def launch(n, block=16, grid=(2, 3), warps=4):
         return L.KernelLaunch(kernel=kernel, grid=grid, inputs=(("q_ptr", "q"), ("row_keep_ptr", "row_keep")),
                               outputs=(), keywords={"n": n, "BLOCK": block}, num_warps=warps, num_stages=1)
 
-    kernel = Kernel()
+    kernel = _fake_kernel(["q_ptr", "row_keep_ptr", "n", "BLOCK"], {"BLOCK"}, calls)
     monkeypatch.setattr(TL, "INTERPRETED", False)
     monkeypatch.setattr(TL, "_COMPILED", {})
     monkeypatch.setattr(TL, "_KEYWORDS", {})
@@ -432,9 +439,7 @@ def test_rebind_keywords_replaces_named_scalars_that_keep_their_specialization(m
     described launch's value (48 keeps 32's divisibility by 16; 17 and 1 do not; a constexpr
     never rebinds), buffers replaced by name as in ``rebind``; the source is unchanged and a
     result rebinds again. ``DirectLaunch`` allocates its outputs from the description and
-    refuses (launches nothing) an input of another dtype. A fake kernel, as above."""
-    import types
-
+    refuses (launches nothing) an input of another dtype. A fake kernel (``_fake_kernel``)."""
     import torch
 
     from sparse24.torch_ops import _launch as TL
@@ -443,27 +448,12 @@ def test_rebind_keywords_replaces_named_scalars_that_keep_their_specialization(m
         pytest.skip("this Triton does not expose native_specialize_impl")
     calls = []
 
-    class Compiled:
-        def __getitem__(self, grid):
-            return lambda *args: calls.append((grid, args))
-
-    def fake(names, constexprs):
-        class Kernel:
-            arg_names = names
-            params = [types.SimpleNamespace(name=n, is_constexpr=n in constexprs, is_const=False,
-                                            do_not_specialize=False, do_not_specialize_on_alignment=False)
-                      for n in names]
-
-            def __getitem__(self, grid):
-                return lambda *args, **kw: Compiled()
-        return Kernel()
-
     monkeypatch.setattr(TL, "INTERPRETED", False)
     monkeypatch.setattr(TL, "_COMPILED", {})
     monkeypatch.setattr(TL, "_KEYWORDS", {})
     device = torch.device("cpu")
     # DirectLaunches: the attention launches of a plan
-    kernel = fake(["q_ptr", "row_keep_ptr", "n", "BLOCK"], {"BLOCK"})
+    kernel = _fake_kernel(["q_ptr", "row_keep_ptr", "n", "BLOCK"], {"BLOCK"}, calls)
     first = L.KernelLaunch(kernel=kernel, grid=(2, 3), inputs=(("q_ptr", "q"), ("row_keep_ptr", "row_keep")),
                            outputs=(), keywords={"n": 32, "BLOCK": 16}, num_warps=4, num_stages=1)
     q, keep, keep2, other = torch.zeros(8), torch.zeros(8, dtype=torch.bool), torch.zeros(8, dtype=torch.bool), torch.zeros(8)
@@ -480,7 +470,7 @@ def test_rebind_keywords_replaces_named_scalars_that_keep_their_specialization(m
     assert direct.rebind_keywords([{}, {}], {}) is None
     assert direct.rebind_keywords([{"n": 48}], {"segm_acc": keep2}) is None
     # DirectLaunch: one launch with outputs (the decode mask layout)
-    layout = fake(["mask_ptr", "out_ptr", "mask_len", "BLOCK_L"], {"BLOCK_L"})
+    layout = _fake_kernel(["mask_ptr", "out_ptr", "mask_len", "BLOCK_L"], {"BLOCK_L"}, calls)
     launch = L.KernelLaunch(kernel=layout, grid=(4,), inputs=(("mask_ptr", "mask"),),
                             outputs=(L.OutputSpec("out_ptr", "out", (4, 16), "int32"),),
                             keywords={"mask_len": 32, "BLOCK_L": 64}, num_warps=1, num_stages=1)
