@@ -487,6 +487,12 @@ def test_fused_decode_layout_equals_the_torch_layout(case, dtype, kernel_backend
     assert torch.equal(keep, want.keep.flatten())
     torch.testing.assert_close(fill, want.fill.flatten(), rtol=0, atol=0, equal_nan=True)
     assert keep.any() and not keep.all()  # every case has rows of both kinds
+    # with its launch (for the next step's previous=): the same outputs; a compiled launch on a GPU only
+    again, launch = decode_mask_layout(mask, kv_len=kv_len, pages_per_row=pages_per_row, out_dtype=dtype,
+                                       with_launch=True)
+    for got, expected in zip(again, (block_table, seq_lens, keep, fill)):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0, equal_nan=True)
+    assert (launch is None) == (kernel_backend[0] == "interpret")
     # a wider table (what sparse24.hf asks for: a multiple of 16 columns): the same first
     # kv_len columns, then each row's last page repeated (valid pages, never read)
     wide = decode_mask_layout(mask, kv_len=kv_len, pages_per_row=pages_per_row, out_dtype=dtype, width=kv_len + 21)[0]
@@ -504,6 +510,11 @@ def test_decode_mask_layout_refuses_a_bad_mask():
         with pytest.raises(ValueError, match=r"width must be None or an int >= max\(kv_len, 1\) = 4"):
             decode_mask_layout(torch.ones(2, 4, dtype=torch.bool), kv_len=4, pages_per_row=4, out_dtype=torch.float32,
                                width=width)
+    mask = torch.ones(2, 4, dtype=torch.bool)
+    with pytest.raises(TypeError, match=r"previous must be None or the launch of an earlier with_launch call, got tuple"):
+        decode_mask_layout(mask, kv_len=4, pages_per_row=4, out_dtype=torch.float32, previous=())
+    with pytest.raises(TypeError, match=r"with_launch must be a bool, got int"):
+        decode_mask_layout(mask, kv_len=4, pages_per_row=4, out_dtype=torch.float32, with_launch=1)
 
 
 def test_eager_decode_builds_its_layout_in_one_launch(monkeypatch, kernel_backend):

@@ -545,6 +545,8 @@ def decode_mask_layout(mask: torch.Tensor, *, kv_len: int, pages_per_row: int, o
         raise ValueError(f"mask must be a tensor [batch, L] with 1 <= L <= kv_len = {kv_len}, got {got}")
     if width is not None and (isinstance(width, bool) or not isinstance(width, int) or width < max(kv_len, 1)):
         raise ValueError(f"width must be None or an int >= max(kv_len, 1) = {max(kv_len, 1)}, got {width!r}")
+    if not isinstance(with_launch, bool):
+        raise TypeError(f"with_launch must be a bool, got {type(with_launch).__name__}")
     if previous is not None and not isinstance(previous, DirectLaunch):
         raise TypeError(f"previous must be None or the launch of an earlier with_launch call, got {type(previous).__name__}")
     outputs, launch = launch_decode_mask_layout(mask, kv_len, pages_per_row, out_dtype, width=width, previous=previous)
