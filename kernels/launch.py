@@ -440,7 +440,7 @@ def decode_mask_layout_launches(
         keys hold valid pages too (the last slot's).
     """
     batch, mask_len = (int(d) for d in mask_shape)
-    width = max(int(kv_len), 1) if width is None else int(width)
+    width = _mask_layout_width(kv_len, width)
     plan = planner.plan_decode_mask_layout(batch=batch, mask_len=mask_len, width=width)
     call = dict(mask_shape=(batch, mask_len), mask_strides=tuple(int(s) for s in mask_strides),
                 signed_mask=bool(signed_mask), kv_len=int(kv_len), pages_per_row=int(pages_per_row),
@@ -463,6 +463,11 @@ def decode_mask_layout_launches(
     return (dataclasses.replace(launch, described_by=(call, plan)),)
 
 
+def _mask_layout_width(kv_len, width) -> int:
+    """The block table's columns: ``width``, or ``max(kv_len, 1)`` where it is None."""
+    return max(int(kv_len), 1) if width is None else int(width)
+
+
 def _mask_layout_keywords(mask_len, mask_strides, kv_len, pages_per_row, width) -> dict:
     """The mask-layout kernel's run-time parameters (the one mapping)."""
     return dict(mask_len=int(mask_len), kv_len=int(kv_len), width=int(width), pages_per_row=int(pages_per_row),
@@ -481,7 +486,7 @@ def mask_layout_parameters(launches: Sequence[KernelLaunch], **call) -> dict | N
     if described_by is None:
         return None
     before, plan = described_by
-    width = max(int(call["kv_len"]), 1) if call.get("width") is None else int(call["width"])
+    width = _mask_layout_width(call["kv_len"], call.get("width"))
     if (call.keys() != before.keys() or width != before["width"] or call["signed_mask"] != before["signed_mask"]
             or call["out_dtype"] != before["out_dtype"] or int(call["mask_shape"][0]) != before["mask_shape"][0]):
         return None

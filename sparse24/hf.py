@@ -311,7 +311,7 @@ def _fused_decode_step(mask: torch.Tensor, batch: int, kv_len: int, pages_per_ro
     if cu is None:
         cu = _ARANGES[(batch, mask.device)] = torch.arange(batch + 1, dtype=torch.int32, device=mask.device)
     # the key-length bound is the table's width: it changes every 16 steps, not every step, so
-    # most steps' launches rebind without a planner call (rebound_unified_attention_launches)
+    # most steps rebind the strides alone, without a planner call (UnifiedAttentionPlan.rebind)
     layout = _layouts.MaskLayout(block_table, cu, seq_lens, None, None, None, None, 1, width)
     return _Step(layout, keep.view(batch, 1, 1, 1), fill.view(batch, 1, 1, 1), None, launch)
 

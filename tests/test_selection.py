@@ -4,7 +4,8 @@
 compiled on a GPU) over every N and thousands of groups whose scores are drawn from a few
 values, so ties, all-equal groups and all -inf groups are frequent; their flags must be the
 spec's rank rule (docs/SPEC.md §3: larger score first, equal scores -> the lower key index)
-exactly: N winners per group.
+exactly (``sparse24.reference._nm_select``, the float64 reference's selection): N winners
+per group.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import triton
 import triton.language as tl
 
 from sparse24.kernels.selection import select_of_4, select_of_8
+from sparse24.reference import _nm_select  # the spec's step 3, in float64
 
 
 @triton.jit
@@ -40,20 +42,6 @@ def _selection_kernel(
         tl.store(kept_ptr + r * G + g, flags[r].to(tl.int8))
 
 
-def spec_selection(scores: np.ndarray, n: int) -> np.ndarray:
-    """[M, G] scores -> [M, G] bool: member r is selected when fewer than n members outrank
-    it (rank_r = #{j < r: s_j >= s_r} + #{j > r: s_j > s_r})."""
-    m = scores.shape[0]
-    rank = np.zeros(scores.shape, dtype=np.int64)
-    for r in range(m):
-        for j in range(m):
-            if j < r:
-                rank[r] += scores[j] >= scores[r]
-            elif j > r:
-                rank[r] += scores[j] > scores[r]
-    return rank < n
-
-
 @pytest.mark.parametrize("m,n", [(4, 1), (4, 2), (4, 3), *[(8, n) for n in range(1, 8)]],
                          ids=lambda v: str(v))
 def test_selection_helpers_follow_the_rank_rule(m, n, kernel_backend):
@@ -71,7 +59,7 @@ def test_selection_helpers_follow_the_rank_rule(m, n, kernel_backend):
     kept = torch.empty((m, groups), dtype=torch.int8, device=device)
     _selection_kernel[(1,)](torch.from_numpy(scores).to(device), kept, G=groups, M=m, N_KEEP=n)
     got = kept.cpu().numpy().astype(bool)
-    want = spec_selection(scores, n)
+    want = _nm_select(torch.from_numpy(scores.T).double(), n, m).numpy().T  # [M, G]
     assert (want.sum(0) == n).all()
     mismatches = np.flatnonzero((got != want).any(0))
     assert mismatches.size == 0, (
