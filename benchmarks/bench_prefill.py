@@ -44,7 +44,8 @@ SPARSE24 = {
     "sparse24-dense": SparsityConfig.dense(),
     "sparse24-2:4": SparsityConfig(),
     "sparse24-2:4-recent0": SparsityConfig(dense_recent_tokens=0),
-    # M=8, on request (--providers): not in the default suite
+    # on request (--providers): not in the default suite
+    "sparse24-1:4": SparsityConfig(n=1, m=4),
     "sparse24-4:8": SparsityConfig(n=4, m=8),
     "sparse24-2:8": SparsityConfig(n=2, m=8),
 }
@@ -323,13 +324,18 @@ def main(argv=None) -> int:
         print(f"wrote {path}")
         return 0
     records = run_suite(shapes, providers, env, args.rep)
+    columns = [p for p in PROVIDERS if p in providers] + [p for p in providers if p not in PROVIDERS]
     ratios = [("2:4 / dense", "sparse24-2:4", "sparse24-dense"),
               ("2:4 r0 / dense", "sparse24-2:4-recent0", "sparse24-dense"),
+              ("1:4 / 2:4", "sparse24-1:4", "sparse24-2:4"),
+              ("4:8 / dense", "sparse24-4:8", "sparse24-dense"),
+              ("2:8 / dense", "sparse24-2:8", "sparse24-dense"),
               ("dense / flash", "sparse24-dense", "sdpa-flash"),
               ("dense / cuDNN", "sparse24-dense", "sdpa-cudnn")]
-    table = common.markdown_table(records, "tflops", PROVIDERS, ratios, env, "Prefill, dense-equivalent TFLOP/s")
+    ratios = [r for r in ratios if r[1] in columns and r[2] in columns]
+    table = common.markdown_table(records, "tflops", columns, ratios, env, "Prefill, dense-equivalent TFLOP/s")
     base = common.write_results(records, "prefill", env, table, out_dir)
-    common.bar_plot(records, "tflops", PROVIDERS, env, "Prefill (bf16)", base.with_suffix(".png"))
+    common.bar_plot(records, "tflops", columns, env, "Prefill (bf16)", base.with_suffix(".png"))
     print(table)
     print(f"wrote {base}.json/.md/.png")
     return 0

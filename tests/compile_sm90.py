@@ -359,8 +359,9 @@ def sass_loops() -> int:
     """``python tests/compile_sm90.py --sass-loops``: the SASS of the prefill plans (bf16,
     causal, H 32/8 D 128 and H 16/16 D 64, dense and every N:M), disassembled with the
     ``nvdisasm`` of the triton wheel: per key-tile loop (a backward branch), its instruction
-    count per thread and the most frequent opcodes. The unmasked middle loop is the second
-    one listed. Not part of CI (benchmarks/NOTES.md, session 13, reads these counts)."""
+    count per thread and the most frequent opcodes. The unmasked middle loop is the first
+    one listed; the second, longer one is the masked loop (its causal compares are the
+    ISETPs). Not part of CI (benchmarks/NOTES.md, session 13, reads these counts)."""
     import collections
     import os
     import re
