@@ -234,20 +234,16 @@ def _attend_tile(
     # use 0 as the shift there so exp2(-inf - shift) = 0 instead of NaN. The NaN rule (docs/SPEC.md
     # §2, "NaN"): a NaN score of a visible key makes the row's output and LSE NaN, as in SDPA,
     # whatever the selection decided.
-    if N_KEEP < GROUP_M and GROUP_M == 4:
-        # M=4: the running max is taken over the visible scores before the selection (every
-        # group's largest score is kept, N >= 1, so it is the max over the kept ones) and does
-        # not wait for it; it propagates NaN, so a dropped score simply becomes -inf: one add per
-        # score less than the M=8 way below (H200, 2:4: +5% at B=8 S=2k, -1.4% at D=64, equal
-        # elsewhere; benchmarks/NOTES.md, session 9).
+    if N_KEEP < GROUP_M:
+        # The running max is taken over the visible scores before the selection (every group's
+        # largest score is kept, N >= 1, so it is the max over the kept ones) and does not wait
+        # for it; it propagates NaN, so a dropped score simply becomes -inf: one add per score
+        # less than writing a dropped score as score - inf (H200, 2:4: +5% at B=8 S=2k, -1.4% at
+        # D=64, equal elsewhere; benchmarks/NOTES.md, session 9; M=8 since session 14).
         m_new = tl.maximum(m_i, tl.reduce(score, 1, _max_propagating_nan) * logit_scale,
                            propagate_nan=tl.PropagateNan.ALL)  # [BLOCK_M]
         score = tl.where(keep, score, float("-inf"))
     else:
-        if N_KEEP < GROUP_M:
-            # M=8 (measured 6% slower with the M=4 way): a dropped score becomes score - inf: -inf
-            # for every finite (or -inf) score, NaN for a NaN one, which reaches the softmax.
-            score = tl.where(keep, score, score + float("-inf"))
         m_new = tl.maximum(m_i, tl.max(score, 1) * logit_scale)  # [BLOCK_M]
     m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.exp2(m_i - m_shift)
