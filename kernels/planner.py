@@ -204,9 +204,12 @@ def plan_unified_attention(
     # a 16-row MMA; prefill takes larger tiles. Measured on an H200 (benchmarks/NOTES.md):
     # 256 rows x 64 keys is best for dense and 2:4 at D=128; at D=64, 128 rows x 128 keys /
     # 4 warps for dense and 2:4 alike (2:4: 192 against 152 TFLOP/s with 256 x 64 / 8 warps).
+    # M=8 at D=64 takes the 256-row, 64-key, 16-warp tile (H100, 4:8 at B=4 S=4k H 16/16:
+    # 147 TFLOP/s against 92 with 128 x 128 / 4 warps, which spills; benchmarks/NOTES.md, Session 14).
+    m8_wide = sparse and m == 8 and head_dim_pad == 64 and not is_fp32
     if head_dim_pad > 128 or is_fp32:
         block_m = 64
-    elif head_dim_pad == 128:
+    elif head_dim_pad == 128 or m8_wide:
         block_m = 256
     else:
         block_m = 128
@@ -223,7 +226,7 @@ def plan_unified_attention(
     # (an HF prefill) meets the rule only below 126 queries per sequence, where the large
     # tile is mostly padding anyway. Measured at D=128 only (the 256-row plans), for GQA
     # groups that fit a 64-row program.
-    ragged = (block_m == 256 and next_power_of_2(qpk) <= RAGGED_BLOCK_M
+    ragged = (block_m == 256 and head_dim_pad == 128 and next_power_of_2(qpk) <= RAGGED_BLOCK_M
               and 2 * num_seqs * (block_m // qpk - 1) > num_tokens)
     if ragged:
         block_m = RAGGED_BLOCK_M
@@ -253,8 +256,9 @@ def plan_unified_attention(
     elif ragged:
         tile_n = 32
     elif block_m >= 256:
-        # M=8 prefill at 256 rows: 32 keys (H200: +2-4% over 64, benchmarks/NOTES.md Session 10)
-        tile_n = 32 if sparse and m == 8 and block_q >= 16 else 64
+        # M=8 too since its ranks are packed (H100, 4:8 at S=16k: 299 TFLOP/s against 268 with
+        # the 32-key tile that session 10 chose for the old selection; benchmarks/NOTES.md, Session 14)
+        tile_n = 64
     elif small_elements and (block_m >= 128 or block_m < 64):
         tile_n = 128
     elif sparse and small_elements:
@@ -262,7 +266,7 @@ def plan_unified_attention(
     else:
         tile_n = 64
 
-    if block_m * head_dim_pad >= 256 * 128:
+    if block_m >= 256 or block_m * head_dim_pad >= 256 * 128:
         num_warps = 16
     elif block_m * head_dim_pad >= 128 * 128:
         num_warps = 8
