@@ -400,19 +400,20 @@ def test_torch_compile_fullgraph_matches_eager(kernel_backend):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("head_dim", [128, 64])
 @pytest.mark.parametrize("config", ["4:8,recent=0", "2:8,sink=4,recent=0", "2:4,recent=0"])
-def test_gpu_prefill_tiles_keep_the_reference_decisions(config):
-    """GPU only: the compiled prefill plans of bf16 at D=128 (256-row programs; M=8 on 32-key
-    tiles) keep exactly the keys of the float64 reference, on integer scores (ties on purpose),
-    with GQA 32/8 and a chunk over a longer context."""
-    inputs = make_paged_inputs((300, 1), (700, 77), num_q_heads=32, num_kv_heads=8, head_dim=128, block_size=16,
-                               dtype=torch.bfloat16, integer=True, int_range=1, seed=11, device="cuda")
+def test_gpu_prefill_tiles_keep_the_reference_decisions(config, head_dim):
+    """GPU only: the compiled prefill plans of bf16 (256 rows x 64 keys at D=128, and for M=8
+    at D=64; 128 x 128 for 2:4 at D=64) keep exactly the keys of the float64 reference, on
+    integer scores (ties on purpose), with GQA 32/8 and a chunk over a longer context."""
+    inputs = make_paged_inputs((300, 1), (700, 77), num_q_heads=32, num_kv_heads=8, head_dim=head_dim,
+                               block_size=16, dtype=torch.bfloat16, integer=True, int_range=1, seed=11, device="cuda")
     cfg = SparsityConfig.parse(config)
     from sparse24.kernels import plan_unified_attention as plan
 
-    p = plan(num_tokens=301, num_seqs=2, num_q_heads=32, num_kv_heads=8, head_dim=128, dtype="bfloat16",
+    p = plan(num_tokens=301, num_seqs=2, num_q_heads=32, num_kv_heads=8, head_dim=head_dim, dtype="bfloat16",
              n=cfg.n, m=cfg.m, max_seqlen_q=300, max_seqlen_k=700)
-    assert p.block_m == 256 and p.tile_n == (32 if cfg.m == 8 else 64)
+    assert (p.block_m, p.tile_n) == ((256, 64) if head_dim == 128 or cfg.m == 8 else (128, 128))
     got = kernel_keep_mask(inputs, config=cfg, backend="triton")
     ref_inputs = [t.cpu().double() if t.is_floating_point() else t.cpu() for t in inputs]
     want = keep_mask_reference(*[t for i, t in enumerate(ref_inputs) if i != 2], config=cfg)
